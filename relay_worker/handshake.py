@@ -1,0 +1,138 @@
+"""The DERP handshake's boxes: ClientInfo and ServerInfo JSON sealed with NaCl crypto_box."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.exceptions
+import nacl.utils
+from nacl.public import Box
+from nacl.public import PublicKey as NaclPublicKey
+
+from .frames import (
+    NONCE_LEN,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    build_client_info,
+    build_server_info,
+    parse_client_info,
+    parse_server_info,
+)
+from .keys import PrivateKey
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """What a client tells the server in its sealed ClientInfo JSON."""
+
+    version: int = PROTOCOL_VERSION
+    mesh_key: str = ""
+    can_ack_pings: bool = False
+    is_prober: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {"version": self.version}
+        if self.mesh_key:
+            doc["meshKey"] = self.mesh_key
+        if self.can_ack_pings:
+            doc["CanAckPings"] = True
+        if self.is_prober:
+            doc["IsProber"] = True
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ClientInfo:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"ClientInfo is not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ProtocolError("ClientInfo JSON is not an object")
+        version = doc.get("version", 0)
+        mesh_key = doc.get("meshKey", "") or ""
+        if not isinstance(version, int) or not isinstance(mesh_key, str):
+            raise ProtocolError("ClientInfo has fields of the wrong type")
+        return cls(
+            version=version,
+            mesh_key=mesh_key,
+            can_ack_pings=bool(doc.get("CanAckPings", False)),
+            is_prober=bool(doc.get("IsProber", False)),
+            extra=doc,
+        )
+
+
+@dataclass(slots=True)
+class ServerInfo:
+    version: int = PROTOCOL_VERSION
+    token_bucket_bytes_per_second: int = 0
+    token_bucket_bytes_burst: int = 0
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {"version": self.version}
+        if self.token_bucket_bytes_per_second:
+            doc["TokenBucketBytesPerSecond"] = self.token_bucket_bytes_per_second
+        if self.token_bucket_bytes_burst:
+            doc["TokenBucketBytesBurst"] = self.token_bucket_bytes_burst
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ServerInfo:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"ServerInfo is not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ProtocolError("ServerInfo JSON is not an object")
+        return cls(
+            version=int(doc.get("version", 0)),
+            token_bucket_bytes_per_second=int(doc.get("TokenBucketBytesPerSecond", 0)),
+            token_bucket_bytes_burst=int(doc.get("TokenBucketBytesBurst", 0)),
+        )
+
+
+def _box(private: PrivateKey, peer_public: bytes) -> Box:
+    return Box(private.nacl(), NaclPublicKey(peer_public))
+
+
+def seal_client_info(client: PrivateKey, server_public: bytes, info: ClientInfo) -> bytes:
+    """The whole ClientInfo frame a client sends."""
+    nonce = nacl.utils.random(NONCE_LEN)
+    sealed = _box(client, server_public).encrypt(info.to_json(), nonce).ciphertext
+    return build_client_info(client.public().raw, nonce, sealed)
+
+
+def open_client_info(server: PrivateKey, payload: bytes) -> tuple[bytes, ClientInfo]:
+    """Open a ClientInfo payload: return (client public key, info) or raise ProtocolError."""
+    client_public, nonce, sealed = parse_client_info(payload)
+    try:
+        plain = _box(server, client_public).decrypt(sealed, nonce)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise ProtocolError("ClientInfo box does not open with the client's key") from exc
+    return client_public, ClientInfo.from_json(plain)
+
+
+def seal_server_info(server: PrivateKey, client_public: bytes, info: ServerInfo) -> bytes:
+    """The whole ServerInfo frame the server sends after admitting a client."""
+    nonce = nacl.utils.random(NONCE_LEN)
+    sealed = _box(server, client_public).encrypt(info.to_json(), nonce).ciphertext
+    return build_server_info(nonce, sealed)
+
+
+def open_server_info(client: PrivateKey, server_public: bytes, payload: bytes) -> ServerInfo:
+    nonce, sealed = parse_server_info(payload)
+    try:
+        plain = _box(client, server_public).decrypt(sealed, nonce)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise ProtocolError("ServerInfo box does not open with the server's key") from exc
+    return ServerInfo.from_json(plain)
+
+
+def mesh_key_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison of mesh keys (64 hex chars); an empty expected key matches nothing."""
+    if not expected or not presented:
+        return False
+    return hmac.compare_digest(presented.strip().lower().encode(), expected.strip().lower().encode())
