@@ -1,0 +1,1 @@
+"""The `cluster` command: configuration, supervisor of workers, status, derpmap, probe and bench."""

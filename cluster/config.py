@@ -1,0 +1,342 @@
+"""Cluster configuration: one table of settings, filled from defaults, a TOML file, DERP_* variables
+and command-line flags (later sources win).
+
+Every setting is declared once in SETTINGS, which drives the TOML keys, the environment variables
+that derper images use, the `cluster up` flags and the validation, so the four can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one line naming the key and the fix."""
+
+
+def parse_hostport(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse `HOST:PORT`, `:PORT`, `[v6]:PORT` or a bare port."""
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = default_host, text
+    elif text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        host = host or default_host
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _hostport(text: str | Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("want a string HOST:PORT")
+    parse_hostport(text)
+    return text
+
+
+def _list(text: str | list[str]) -> list[str]:
+    if isinstance(text, list):
+        return [str(item) for item in text]
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(text: Any) -> str:
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _int(text: Any) -> int:
+    if isinstance(text, bool):
+        raise ValueError("want an integer")
+    return int(text)
+
+
+def _float(text: Any) -> float:
+    return float(text)
+
+
+def _str(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError("want a string")
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # "section.name" in TOML; the attribute is the name with the section prefix
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    env: str | None = None
+    flag: str | None = None
+
+    @property
+    def attr(self) -> str:
+        section, name = self.key.split(".", 1)
+        return name if section == "server" else f"{section}_{name}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.listen", _hostport, "0.0.0.0:3340", "DERP HTTP(S) address HOST:PORT", "DERP_ADDR",
+            "--listen"),
+    Setting("server.workers", _int, 0, "worker processes (0 = one per core)", "DERP_WORKERS", "--workers"),
+    Setting("server.hostname", _str, "", "public DNS name of this node (TLS name, derpMap HostName)",
+            "DERP_DOMAIN", "--hostname"),
+    Setting("server.certmode", _choice("dev", "manual", "selfsigned"), "dev",
+            "dev = plain HTTP; manual = CERTDIR/HOSTNAME.crt+.key; selfsigned = generated cert",
+            "DERP_CERT_MODE", "--certmode"),
+    Setting("server.certdir", _str, "/var/lib/derper/certs", "directory holding HOSTNAME.crt and .key",
+            "DERP_CERT_DIR", "--certdir"),
+    Setting("server.http_port", _int, -1,
+            "plain-HTTP port for /generate_204 captive-portal checks when serving TLS (-1 = off)",
+            "DERP_HTTP_PORT", "--http-port"),
+    Setting("server.state_dir", _str, "state", "directory for the server key (derp.key)",
+            "DERP_STATE_DIR", "--state-dir"),
+    Setting("server.run_dir", _str, "", "directory for ipc sockets and pid files (default STATE_DIR/run)",
+            "DERP_RUN_DIR", "--run-dir"),
+    Setting("server.log_level", _choice("debug", "info", "warning", "error"), "info", "log level",
+            "DERP_LOG_LEVEL", "--log-level"),
+    Setting("server.admin_token", _str, "", "token that opens admin paths to non-loopback callers",
+            "DERP_ADMIN_TOKEN", "--admin-token"),
+    Setting("server.admin_token_file", _str, "", "file holding the admin token", "DERP_ADMIN_TOKEN_FILE",
+            "--admin-token-file"),
+    Setting("server.mesh_key_file", _str, "",
+            "file with derper's mesh key (64 hex): peers presenting it may WatchConns/ForwardPacket",
+            "DERP_MESH_KEY_FILE", "--mesh-key-file"),
+    Setting("server.mesh_with", _list, [], "stock derper URLs to mesh with (comma separated)",
+            "DERP_MESH_WITH", "--mesh-with"),
+    Setting("stun.enabled", _bool, True, "serve STUN", "DERP_STUN", None),
+    Setting("stun.listen", _hostport, "0.0.0.0:3478", "STUN UDP address HOST:PORT", None, "--stun"),
+    Setting("stun.port", _int, 0, "STUN port (overrides the port of stun.listen when set)",
+            "DERP_STUN_PORT", None),
+    Setting("admission.verify_clients", _bool, False, "admit only nodes tailscaled's LocalAPI knows",
+            "DERP_VERIFY_CLIENTS", "--verify-clients"),
+    Setting("admission.tailscaled_socket", _str, "/var/run/tailscale/tailscaled.sock",
+            "tailscaled LocalAPI unix socket", "DERP_TAILSCALED_SOCKET", "--tailscaled-socket"),
+    Setting("admission.verify_client_url", _str, "", "URL to POST {NodePublic, Source} to for admission",
+            "DERP_VERIFY_CLIENT_URL", "--verify-client-url"),
+    Setting("admission.verify_client_url_fail_open", _bool, True,
+            "admit clients when the verify URL is unreachable", "DERP_VERIFY_CLIENT_URL_FAIL_OPEN",
+            "--verify-client-url-fail-open"),
+    Setting("admission.allow_keys_file", _str, "", "file of allowed nodekey: lines (reloaded on change)",
+            "DERP_ALLOW_KEYS_FILE", "--allow-keys-file"),
+    Setting("admission.cache_ttl", _float, 30.0, "seconds an admission decision is cached",
+            "DERP_ADMISSION_CACHE_TTL", "--admission-cache-ttl"),
+    Setting("admission.timeout", _float, 5.0, "seconds an admission lookup may take",
+            "DERP_ADMISSION_TIMEOUT", "--admission-timeout"),
+    Setting("limits.bytes_per_second", _int, 0, "per-client relay rate (0 = unlimited)",
+            "DERP_CLIENT_BYTES_PER_SECOND", "--client-bytes-per-second"),
+    Setting("limits.bytes_burst", _int, 0, "per-client relay burst in bytes", "DERP_CLIENT_BYTES_BURST",
+            "--client-bytes-burst"),
+    Setting("limits.accept_connection_limit", _float, 0.0, "accepted connections per second per worker "
+            "(0 = unlimited)", "DERP_ACCEPT_CONNECTION_LIMIT", "--accept-connection-limit"),
+    Setting("limits.accept_connection_burst", _int, 0, "accept burst per worker",
+            "DERP_ACCEPT_CONNECTION_BURST", "--accept-connection-burst"),
+    Setting("limits.max_clients", _int, 0, "max DERP clients per worker (0 = unlimited)",
+            "DERP_MAX_CLIENTS", "--max-clients"),
+    Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
+            "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
+    Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
+            "DERP_NODE_NAME", "--node-name"),
+    Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",
+            "DERP_REGION_ID", "--region-id"),
+    Setting("node.region_code", _str, "self", "derpMap region code", "DERP_REGION_CODE", "--region-code"),
+    Setting("node.region_name", _str, "Self-hosted", "derpMap region name", "DERP_REGION_NAME",
+            "--region-name"),
+    Setting("node.mesh_listen", _str, "", "inter-node ZeroMQ address HOST:PORT (empty = single node)",
+            "DERP_MESH_LISTEN", "--mesh-listen"),
+    Setting("node.join", _list, [], "seed nodes HOST:PORT to join (comma separated)", "DERP_JOIN",
+            "--join"),
+    Setting("node.mesh_secret_file", _str, "", "cluster mesh secret from `cluster keygen`",
+            "DERP_MESH_SECRET_FILE", "--mesh-secret-file"),
+    Setting("node.dead_after", _float, 10.0, "seconds of silence before a node is declared dead",
+            "DERP_NODE_DEAD_AFTER", "--node-dead-after"),
+)
+
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+#: settings that are on/off switches get `--flag`/`--no-flag` on the command line
+_BOOL_FLAGS = {"admission.verify_clients", "admission.verify_client_url_fail_open"}
+
+
+@dataclass
+class Config:
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    regions: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getattr__(self, attr: str) -> Any:
+        for setting in SETTINGS:
+            if setting.attr == attr:
+                return self.values[setting.key]
+        raise AttributeError(attr)
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    # derived values ------------------------------------------------------------------------------
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.values["server.listen"])
+
+    @property
+    def stun_addr(self) -> tuple[str, int] | None:
+        if not self.values["stun.enabled"]:
+            return None
+        host, port = parse_hostport(self.values["stun.listen"])
+        return host, self.values["stun.port"] or port
+
+    @property
+    def tls(self) -> bool:
+        return self.values["server.certmode"] != "dev"
+
+    @property
+    def worker_count(self) -> int:
+        return self.values["server.workers"] or (os.cpu_count() or 1)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.values["server.state_dir"]).resolve()
+
+    @property
+    def run_path(self) -> Path:
+        run = self.values["server.run_dir"]
+        return Path(run).resolve() if run else self.state_path / "run"
+
+    @property
+    def node_name(self) -> str:
+        return self.values["node.name"] or os.uname().nodename
+
+    def admin_token_value(self) -> str:
+        if self.values["server.admin_token"]:
+            return str(self.values["server.admin_token"])
+        path = self.values["server.admin_token_file"]
+        return Path(path).read_text().strip() if path else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def _apply(config: Config, key: str, raw: Any, source: str) -> None:
+    setting = SETTINGS_BY_KEY[key]
+    try:
+        config.values[key] = setting.convert(raw)
+    except (ValueError, TypeError) as exc:
+        where = {"env": setting.env, "flag": setting.flag}.get(source.split(":")[0]) or key
+        raise ConfigError(f"{where} ({key}): {exc}; {setting.help}") from exc
+    config.sources[key] = source
+
+
+def load_config(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration: defaults < TOML file < DERP_* env < flags."""
+    config = Config()
+    for setting in SETTINGS:
+        config.values[setting.key] = setting.default
+        config.sources[setting.key] = "default"
+    if file:
+        path = Path(file)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--config: {path} does not exist; pass an existing TOML file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from exc
+        for section, body in doc.items():
+            if section == "regions":
+                config.regions = _check_regions(body)
+                continue
+            if not isinstance(body, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table in {path}")
+            for name, raw in body.items():
+                key = f"{section}.{name}"
+                if key not in SETTINGS_BY_KEY:
+                    raise ConfigError(f"{key}: unknown setting in {path}; see `cluster up --help`")
+                _apply(config, key, raw, f"file:{path}")
+    for setting in SETTINGS:
+        if env is not None and setting.env and setting.env in env and env[setting.env] != "":
+            _apply(config, setting.key, env[setting.env], f"env:{setting.env}")
+    for key, raw in (flags or {}).items():
+        if raw is not None:
+            _apply(config, key, raw, f"flag:{SETTINGS_BY_KEY[key].flag}")
+    _validate(config)
+    return config
+
+
+def _check_regions(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, list):
+        raise ConfigError("regions: expected [[regions]] tables, each with region_id and nodes")
+    for region in body:
+        if not isinstance(region, dict) or not isinstance(region.get("region_id"), int):
+            raise ConfigError("regions: every [[regions]] needs an integer region_id")
+        if not isinstance(region.get("nodes", []), list):
+            raise ConfigError(f"regions.{region['region_id']}.nodes: expected a list of node tables")
+    return body
+
+
+def _validate(config: Config) -> None:
+    v = config.values
+    if v["server.certmode"] == "manual" and not v["server.hostname"]:
+        raise ConfigError("server.hostname (--hostname / DERP_DOMAIN): certmode manual needs the hostname "
+                          "whose HOSTNAME.crt/.key to load")
+    if v["server.workers"] < 0:
+        raise ConfigError("server.workers (--workers): must be >= 0 (0 = one per core)")
+    if not 900 <= v["node.region_id"] <= 65535:
+        raise ConfigError("node.region_id (--region-id): custom DERP regions use IDs 900 and up")
+    if v["limits.bytes_burst"] and not v["limits.bytes_per_second"]:
+        raise ConfigError("limits.bytes_burst (--client-bytes-burst): set --client-bytes-per-second too")
+    if v["admission.verify_client_url"] and not v["admission.verify_client_url"].startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("admission.verify_client_url (--verify-client-url): must be an http(s):// URL")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting that has one; values stay None unless given."""
+    for setting in SETTINGS:
+        if not setting.flag:
+            continue
+        dest = "cfg:" + setting.key
+        if setting.key in _BOOL_FLAGS:
+            parser.add_argument(setting.flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=setting.help)
+        else:
+            parser.add_argument(setting.flag, dest=dest, default=None, metavar=setting.key.split(".")[1]
+                                .upper(), help=f"{setting.help} (default: {setting.default!r})")
+    parser.add_argument("--no-stun", dest="cfg:stun.enabled", action="store_const", const=False,
+                        default=None, help="do not serve STUN")
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg:")}

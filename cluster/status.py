@@ -1,0 +1,101 @@
+"""`cluster status`: what a running node's workers are doing, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+def fetch_unix(path: Path, target: str, timeout: float = 2.0) -> bytes:
+    """GET target over an admin unix socket; returns the body (small documents only)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise OSError(f"{path}{target}: {head.splitlines()[0].decode(errors='replace') if head else 'no answer'}")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
+def collect_status(run_dir: Path) -> dict[str, Any]:
+    sup_file = run_dir / "supervisor.json"
+    if not sup_file.exists():
+        raise FileNotFoundError(f"no cluster state in {run_dir} (is `cluster up` running with this --run-dir?)")
+    sup = json.loads(sup_file.read_text())
+    workers = []
+    node: dict[str, Any] = {}
+    for slot in sup["workers"]:
+        row: dict[str, Any] = {"index": slot["index"], "pid": slot["pid"], "restarts": slot["restarts"],
+                               "uptime": time.time() - slot["started"] if slot["pid"] else 0.0}
+        try:
+            doc = json.loads(fetch_unix(run_dir / f"worker-{slot['index']}.sock", "/debug/varz"))
+            stats = doc["worker"]
+            row.update(clients=stats["current_connections"], packets=stats["packets_sent"],
+                       forwarded_out=stats["packets_forwarded_out"], drops=stats["packets_dropped"],
+                       drops_by_reason={k: v for k, v in stats["drops"].items() if v}, up=True)
+            for key in ("directory", "nodes", "mesh"):
+                if key in doc:
+                    node[key] = doc[key]
+        except (OSError, ValueError, KeyError) as exc:
+            row.update(up=False, error=str(exc))
+        workers.append(row)
+    return {"supervisor_pid": sup["pid"], "listen": sup["listen"], "workers": workers,
+            "recent_restarts": sup.get("recent_restarts", []), **node}
+
+
+def run_status(config: Config, *, as_json: bool) -> int:
+    try:
+        status = collect_status(config.run_path)
+    except FileNotFoundError as exc:
+        print(f"cluster status: {exc}")
+        return 1
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"workers of {status['listen']} (supervisor pid {status['supervisor_pid']})")
+    for col in ("worker", "pid", "uptime", "clients", "packets", "fwd out", "drops", "restarts"):
+        table.add_column(col, justify="right")
+    for row in status["workers"]:
+        if not row.get("up"):
+            table.add_row(str(row["index"]), str(row["pid"]), "-", "down", "-", "-", "-", str(row["restarts"]))
+            continue
+        table.add_row(str(row["index"]), str(row["pid"]), f"{row['uptime']:.0f}s", str(row["clients"]),
+                      str(row["packets"]), str(row["forwarded_out"]), str(row["drops"]), str(row["restarts"]))
+    console.print(table)
+    if "directory" in status:
+        console.print(f"directory: {status['directory']}")
+    for restart in status["recent_restarts"][-5:]:
+        console.print(f"restart: worker {restart['worker']} exited {restart['exit']} at "
+                      f"{time.strftime('%H:%M:%S', time.localtime(restart['at']))}")
+    return 0

@@ -1,0 +1,418 @@
+"""One DERP client connection on the server: a raw asyncio Protocol over the upgraded socket.
+
+The hot path is `data_received` -> SendPacket -> `Relay.clients.get(dst)` -> `deliver`, which
+does one dict lookup and one `transport.write` per relayed packet. Frames queue only while the
+receiving transport's buffer is over its high-water mark (asyncio's pause_writing); that queue is
+bounded and drops its oldest packet, so a slow reader never blocks anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import struct
+import time
+from collections import deque
+from typing import Any
+
+from . import frames as F
+from .handshake import ClientInfo, ServerInfo, mesh_key_matches, open_client_info, seal_server_info
+from .keys import PublicKey
+from .relay import Relay
+
+log = logging.getLogger("relay_worker.conn")
+
+_RECV_HEADER = struct.Struct(">BI")
+_recv_header = _RECV_HEADER.pack
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+DISCO_PEER_GONE_PER_SEC = 3.0
+
+HANDSHAKE, ADMITTING, ACTIVE, CLOSED = range(4)
+
+
+class DerpServerConn(asyncio.Protocol):
+    __slots__ = (
+        "_pending_frames",
+        "_pong_budget",
+        "disco_queue",
+        "epoch",
+        "has_dup",
+        "ideal_node",
+        "info",
+        "is_mesh",
+        "is_prober",
+        "keepalive_slot",
+        "key",
+        "last_active",
+        "parser",
+        "paused_since",
+        "peer",
+        "peer_gone_stamp",
+        "peer_gone_tokens",
+        "preferred",
+        "queue",
+        "registered",
+        "relay",
+        "state",
+        "timer",
+        "transport",
+        "websocket",
+    )
+
+    def __init__(self, relay: Relay, peer: tuple[str, int] | None = None, *, ideal_node: bool = True,
+                 websocket: bool = False) -> None:
+        self.relay = relay
+        self.peer = peer
+        self.ideal_node = ideal_node
+        self.websocket = websocket
+        self.transport: Any = None
+        self.parser = F.FrameParser(F.MAX_INFO_LEN)
+        self.state = HANDSHAKE
+        self.key = b""
+        self.info: ClientInfo | None = None
+        self.epoch = 0
+        self.registered = False
+        self.preferred = False
+        self.is_mesh = False
+        self.is_prober = False
+        self.has_dup = False
+        self.keepalive_slot = -1
+        self.last_active = time.monotonic()
+        self.paused_since = 0.0
+        self.queue: deque[bytes] | None = None
+        self.disco_queue: deque[bytes] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.peer_gone_tokens = DISCO_PEER_GONE_PER_SEC
+        self.peer_gone_stamp = 0.0
+        self._pending_frames: list[tuple[int, bytes]] | None = None
+        self._pong_budget = 0
+
+    # -- asyncio Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        if self.peer is None:
+            self.peer = transport.get_extra_info("peername")
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.relay.connection_opened(self)
+        transport.write(self.relay.server_key_frame)
+        self.timer = asyncio.get_running_loop().call_later(self.relay.handshake_timeout, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.parser.feed(data)
+        except F.ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        if self.state == ACTIVE:
+            self._handle_frames(frames)
+        else:
+            self._handle_handshake_frames(frames)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.queue = self.disco_queue = None
+        self.relay.connection_closed(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.paused_since = time.monotonic()
+        self.relay.paused.add(self)
+
+    def resume_writing(self) -> None:
+        self.paused_since = 0.0
+        self.relay.paused.discard(self)
+        transport = self.transport
+        if transport is None:
+            return
+        # Flush what queued while paused; disco first, since it is small and steers path discovery.
+        for queue in (self.disco_queue, self.queue):
+            if queue:
+                transport.writelines(queue) if len(queue) > 1 else transport.write(queue[0])
+                queue.clear()
+
+    # -- handshake ----------------------------------------------------------------------------------
+
+    def _handle_handshake_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        for index, (frame_type, payload) in enumerate(frames):
+            if self.state == ACTIVE:
+                self._handle_frames(frames[index:])
+                return
+            if self.state == ADMITTING:
+                assert self._pending_frames is not None
+                self._pending_frames.extend(frames[index:])
+                return
+            if self.state == CLOSED:
+                return
+            if frame_type != F.CLIENT_INFO:
+                self._protocol_error(f"expected ClientInfo, got frame type 0x{frame_type:02x}")
+                return
+            self._client_info(payload)
+
+    def _client_info(self, payload: bytes) -> None:
+        relay = self.relay
+        try:
+            key, info = open_client_info(relay.server_key, payload)
+        except F.ProtocolError as exc:
+            relay.stats.handshake_failures += 1
+            self._protocol_error(str(exc))
+            return
+        self.key = key
+        self.info = info
+        self.is_prober = info.is_prober
+        self.is_mesh = mesh_key_matches(info.mesh_key, relay.mesh_key)
+        if relay.draining:
+            self.close_with("server is shutting down")
+            return
+        if relay.max_clients and relay.stats.current_connections >= relay.max_clients and not self.is_mesh:
+            relay.stats.refused_clients += 1
+            self.close_with("worker is at its client limit", level=logging.WARNING)
+            return
+        admission = relay.admission
+        if admission is None or self.is_mesh:
+            self._admitted(True, "")
+            return
+        self.state = ADMITTING
+        self._pending_frames = []
+        if self.transport is not None:
+            self.transport.pause_reading()
+        admission(self, self._admitted)
+
+    def _admitted(self, allowed: bool, reason: str) -> None:
+        """Called (maybe later, from the admission policy) with the verdict on this client."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        relay = self.relay
+        if not allowed:
+            relay.stats.refused_clients += 1
+            self.close_with(f"refused: {reason}", level=logging.WARNING)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        server_info = ServerInfo(
+            token_bucket_bytes_per_second=0 if self.is_mesh else relay.token_bucket_rate,
+            token_bucket_bytes_burst=0 if self.is_mesh else relay.token_bucket_burst,
+        )
+        self.transport.write(seal_server_info(relay.server_key, self.key, server_info))
+        self.parser.max_frame_len = F.MAX_FRAME_LEN
+        self.state = ACTIVE
+        relay.register(self)
+        log.debug("client %s connected from %s (mesh=%s)", PublicKey(self.key).short(), self.peer, self.is_mesh)
+        pending, self._pending_frames = self._pending_frames, None
+        if pending is None:
+            return  # admitted synchronously: reading was never paused
+        self.transport.resume_reading()
+        if pending:
+            self._handle_frames(pending)
+
+    def _handshake_expired(self) -> None:
+        self.timer = None
+        if self.state in (HANDSHAKE, ADMITTING):
+            self.relay.stats.handshake_timeouts += 1
+            self.close_with("handshake timed out")
+
+    # -- steady state -------------------------------------------------------------------------------
+
+    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        relay = self.relay
+        clients = relay.clients
+        stats = relay.stats
+        for frame_type, payload in frames:
+            if frame_type == F.SEND_PACKET:
+                size = len(payload)
+                if size < 32 or size > 32 + F.MAX_PACKET_SIZE:
+                    self._protocol_error(f"SendPacket payload of {size} bytes")
+                    return
+                stats.packets_received += 1
+                stats.bytes_received += size - 32
+                if self.has_dup:
+                    relay.note_send_from_dup(self)
+                    if clients.get(self.key) is not self:
+                        stats.drop("dup_client")
+                        continue
+                dst = payload[:32]
+                target = clients.get(dst)
+                if target is not None:
+                    target.deliver_frame(_recv_header(F.RECV_PACKET, size) + self.key + payload[32:], payload)
+                    receivers = relay.sent_to.get(self.key)
+                    if receivers is None:
+                        relay.sent_to[self.key] = {dst}
+                    elif dst not in receivers:
+                        receivers.add(dst)
+                    continue
+                forwarder = relay.forwarder
+                if forwarder is not None and forwarder.forward(dst, self.key, payload[32:]):
+                    stats.packets_forwarded_out += 1
+                    continue
+                self._unknown_destination(dst, payload)
+            elif frame_type == F.PING:
+                self._ping(payload)
+            elif frame_type == F.NOTE_PREFERRED:
+                relay.note_preferred(self, F.parse_note_preferred(payload) if payload else False)
+            elif frame_type == F.PONG:
+                pass  # answers to our pings; we do not send any yet
+            elif frame_type == F.FORWARD_PACKET:
+                if not self._require_mesh("ForwardPacket"):
+                    return
+                try:
+                    src, dst, packet = F.parse_forward_packet(payload)
+                except F.ProtocolError as exc:
+                    self._protocol_error(str(exc))
+                    return
+                stats.packets_received += 1
+                relay.deliver_forwarded(dst, src, packet)
+            elif frame_type == F.WATCH_CONNS:
+                if not self._require_mesh("WatchConns"):
+                    return
+                relay.add_watcher(self)
+            elif frame_type == F.CLOSE_PEER:
+                if not self._require_mesh("ClosePeer"):
+                    return
+                try:
+                    relay.close_peer(F.parse_close_peer(payload))
+                except F.ProtocolError as exc:
+                    self._protocol_error(str(exc))
+                    return
+            else:
+                stats.unknown_frames += 1  # forward compatibility: skip frames we do not know
+            if self.state != ACTIVE:
+                return
+
+    def _unknown_destination(self, dst: bytes, payload: bytes) -> None:
+        self.relay.stats.drop("unknown_dest")
+        if not F.looks_like_disco(payload[32:]):
+            return
+        now = time.monotonic()
+        refill = (now - self.peer_gone_stamp) * DISCO_PEER_GONE_PER_SEC
+        tokens = min(DISCO_PEER_GONE_PER_SEC, self.peer_gone_tokens + refill)
+        self.peer_gone_stamp = now
+        if tokens < 1.0:
+            self.peer_gone_tokens = tokens
+            return
+        self.peer_gone_tokens = tokens - 1.0
+        self.relay.stats.peer_gone_not_here_frames += 1
+        self.send_frame(F.build_peer_gone(dst, F.PEER_GONE_NOT_HERE))
+
+    def _ping(self, payload: bytes) -> None:
+        try:
+            data = F.parse_ping(payload)
+        except F.ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        stats = self.relay.stats
+        stats.got_ping += 1
+        if self.paused_since:
+            return  # pinging faster than we can answer: ignore, as derper does
+        self.transport.write(F.build_pong(data))
+        stats.sent_pong += 1
+
+    def _require_mesh(self, what: str) -> bool:
+        if self.is_mesh:
+            return True
+        self._protocol_error(f"{what} needs the mesh key")
+        return False
+
+    # -- output -------------------------------------------------------------------------------------
+
+    def deliver_frame(self, frame: bytes, payload: bytes) -> None:
+        """Hand a RecvPacket frame to this client's transport, or to the bounded queue when paused."""
+        stats = self.relay.stats
+        if self.paused_since:
+            disco = F.looks_like_disco(payload[32:])
+            if disco:
+                queue = self.disco_queue
+                if queue is None:
+                    queue = self.disco_queue = deque()
+            else:
+                queue = self.queue
+                if queue is None:
+                    queue = self.queue = deque()
+            if len(queue) >= self.relay.queue_limit:
+                queue.popleft()
+                stats.drop("queue_head")
+            queue.append(frame)
+            return
+        transport = self.transport
+        if transport is None:
+            stats.drop("gone_disconnected")
+            return
+        transport.write(frame)
+        stats.packets_sent += 1
+        stats.bytes_sent += len(frame) - 37
+
+    def deliver(self, src: bytes, packet: bytes) -> None:
+        frame = _recv_header(F.RECV_PACKET, 32 + len(packet)) + src + packet
+        self.deliver_frame(frame, frame[5:])
+
+    def send_frame(self, frame: bytes, *, force: bool = False) -> None:
+        """Control frames: written unless the client is over its buffer limit (then dropped)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not force and self.paused_since:
+            return
+        transport.write(frame)
+
+    def send_keepalive(self) -> None:
+        self.send_frame(F.KEEP_ALIVE_FRAME)
+
+    def peer_present_frame(self) -> bytes:
+        ip16 = bytes(16)
+        port = 0
+        if self.peer:
+            try:
+                addr = ipaddress.ip_address(self.peer[0])
+                ip16 = (addr.ipv4_mapped or addr).packed if addr.version == 6 else addr.packed
+                if len(ip16) == 4:
+                    ip16 = b"\x00" * 10 + b"\xff\xff" + ip16
+                port = int(self.peer[1])
+            except ValueError:
+                pass
+        flags = F.PEER_PRESENT_IS_MESH_PEER if self.is_mesh else F.PEER_PRESENT_IS_REGULAR
+        if self.is_prober:
+            flags |= F.PEER_PRESENT_IS_PROBER
+        if not self.ideal_node:
+            flags |= F.PEER_PRESENT_NOT_IDEAL
+        return F.build_peer_present(self.key, ip16, port, flags)
+
+    # -- closing ------------------------------------------------------------------------------------
+
+    def _protocol_error(self, why: str) -> None:
+        self.relay.stats.protocol_errors += 1
+        self.close_with(f"protocol error: {why}", level=logging.INFO)
+
+    def close_with(self, why: str, *, level: int = logging.DEBUG, quiet: bool = False) -> None:
+        if not quiet:
+            who = PublicKey(self.key).short() if self.key else "unidentified client"
+            log.log(level, "closing %s from %s: %s", who, self.peer, why)
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        if self.state != CLOSED:
+            self.state = CLOSED
+            if self.registered:
+                self.relay.unregister(self)
+
+    def abort_with(self, why: str) -> None:
+        log.info("dropping %s from %s: %s", PublicKey(self.key).short() if self.key else "?", self.peer, why)
+        queued = len(self.queue or ()) + len(self.disco_queue or ())
+        if queued:
+            self.relay.stats.drop("write_error", queued)
+        transport = self.transport
+        if self.state != CLOSED:
+            self.state = CLOSED
+            if self.registered:
+                self.relay.unregister(self)
+        if transport is not None:
+            transport.abort()

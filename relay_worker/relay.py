@@ -1,0 +1,292 @@
+"""The relay's per-worker state: which connection serves which key, who heard from whom, watchers.
+
+A `Relay` knows nothing about sockets: connections register with it and it calls back into them
+through the small `Peer` surface (`send_frame`, `deliver`, `close_with`). Keys held by other
+workers or nodes are reached through an optional `Forwarder` that `cluster` wires to `mesh`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from . import frames as F
+from .keys import PrivateKey, PublicKey
+from .stats import WorkerStats
+
+if TYPE_CHECKING:
+    from .conn import DerpServerConn
+
+log = logging.getLogger("relay_worker.relay")
+
+KEEPALIVE_INTERVAL = 60.0
+SWEEP_INTERVAL = 1.0
+KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL)
+
+
+class Forwarder(Protocol):
+    """How a worker reaches keys it does not hold. Implemented by `mesh`, wired by `cluster`."""
+
+    def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+        """Send to the remote owner of dst; False when no remote owner is known."""
+
+    def is_remote_winner(self, key: bytes) -> bool:
+        """True when the directory says another owner should receive packets for key."""
+
+    def client_added(self, key: bytes, epoch: int, preferred: bool) -> None: ...
+
+    def client_removed(self, key: bytes, epoch: int) -> None: ...
+
+    def preferred_changed(self, key: bytes, epoch: int, preferred: bool) -> None: ...
+
+    def remote_keys(self) -> Iterable[bytes]: ...
+
+
+class Relay:
+    """Routing table and bookkeeping for one worker."""
+
+    def __init__(
+        self,
+        server_key: PrivateKey,
+        *,
+        mesh_key: str = "",
+        write_timeout: float = 2.0,
+        mesh_write_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
+        queue_limit: int = 32,
+        token_bucket_rate: int = 0,
+        token_bucket_burst: int = 0,
+        max_clients: int = 0,
+    ) -> None:
+        self.server_key = server_key
+        self.server_public = server_key.public().raw
+        self.server_key_frame = F.build_server_key(self.server_public)
+        self.mesh_key = mesh_key
+        self.write_timeout = write_timeout
+        self.mesh_write_timeout = mesh_write_timeout
+        self.handshake_timeout = handshake_timeout
+        self.queue_limit = queue_limit
+        self.token_bucket_rate = token_bucket_rate
+        self.token_bucket_burst = token_bucket_burst
+        self.max_clients = max_clients
+        self.stats = WorkerStats()
+        #: the connection that receives packets for each key held here (the hot-path table)
+        self.clients: dict[bytes, DerpServerConn] = {}
+        #: keys with more than one connection here: every connection of that key, oldest first
+        self.dups: dict[bytes, list[DerpServerConn]] = {}
+        #: src key -> keys of local connections that received packets from src (for PeerGone)
+        self.sent_to: dict[bytes, set[bytes]] = {}
+        self.watchers: set[DerpServerConn] = set()
+        self.connections: set[DerpServerConn] = set()
+        self.paused: set[DerpServerConn] = set()
+        self.keepalive_slots: list[set[DerpServerConn]] = [set() for _ in range(KEEPALIVE_SLOTS)]
+        self._sweep_index = 0
+        self.next_epoch = 1
+        self.forwarder: Forwarder | None = None
+        self.admission: Callable[..., object] | None = None
+        self.draining = False
+        self.on_change: list[Callable[[], None]] = []
+
+    # -- connection lifecycle ---------------------------------------------------------------------
+
+    def connection_opened(self, conn: DerpServerConn) -> None:
+        self.connections.add(conn)
+        self.stats.accepts += 1
+
+    def connection_closed(self, conn: DerpServerConn) -> None:
+        self.connections.discard(conn)
+        self.paused.discard(conn)
+        self.watchers.discard(conn)
+        if conn.keepalive_slot >= 0:
+            self.keepalive_slots[conn.keepalive_slot].discard(conn)
+        if conn.registered:
+            self.unregister(conn)
+
+    def register(self, conn: DerpServerConn) -> None:
+        """Make an admitted connection reachable under its key."""
+        key = conn.key
+        conn.epoch = self.next_epoch
+        self.next_epoch += 1
+        conn.registered = True
+        slot = random.randrange(KEEPALIVE_SLOTS)
+        conn.keepalive_slot = slot
+        self.keepalive_slots[slot].add(conn)
+        self.stats.current_connections += 1
+        existing = self.clients.get(key)
+        if existing is None and key not in self.dups:
+            self.clients[key] = conn
+            self._announce_present(conn)
+        else:
+            group = self.dups.setdefault(key, [existing] if existing is not None else [])
+            group.append(conn)
+            for other in group:
+                other.has_dup = True
+            self._activate(key, conn)
+        if self.forwarder is not None:
+            self.forwarder.client_added(key, conn.epoch, conn.preferred)
+
+    def unregister(self, conn: DerpServerConn) -> None:
+        key = conn.key
+        conn.registered = False
+        self.stats.current_connections -= 1
+        if conn.preferred:
+            self.stats.current_home_connections -= 1
+        group = self.dups.get(key)
+        if group is not None:
+            if conn in group:
+                group.remove(conn)
+            if len(group) == 1:
+                del self.dups[key]
+                group[0].has_dup = False
+                self._activate(key, group[0])
+            elif group:
+                if self.clients.get(key) is conn:
+                    self._activate(key, _best_of(group))
+            else:
+                del self.dups[key]
+                self.clients.pop(key, None)
+        elif self.clients.get(key) is conn:
+            del self.clients[key]
+        if self.forwarder is not None:
+            self.forwarder.client_removed(key, conn.epoch)
+        if key not in self.clients:
+            self.key_gone(key)
+
+    def _activate(self, key: bytes, conn: DerpServerConn) -> None:
+        previous = self.clients.get(key)
+        self.clients[key] = conn
+        if previous is not conn:
+            if previous is not None and previous.registered:
+                previous.send_frame(F.build_health("another connection with this node key is active"))
+            if previous is not None:
+                conn.send_frame(F.build_health(""))
+            self._announce_present(conn)
+
+    def note_send_from_dup(self, conn: DerpServerConn) -> None:
+        """Last writer wins among duplicate connections, unless another one said it is home."""
+        if self.clients.get(conn.key) is conn:
+            return
+        active = self.clients.get(conn.key)
+        if active is not None and active.preferred and not conn.preferred:
+            return
+        self._activate(conn.key, conn)
+
+    def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
+        if preferred != conn.preferred:
+            self.stats.current_home_connections += 1 if preferred else -1
+        conn.preferred = preferred
+        if conn.has_dup and preferred:
+            self._activate(conn.key, conn)
+        if self.forwarder is not None and conn.registered:
+            self.forwarder.preferred_changed(conn.key, conn.epoch, preferred)
+
+    # -- key presence (local and remote) ------------------------------------------------------------
+
+    def _announce_present(self, conn: DerpServerConn) -> None:
+        if self.watchers:
+            frame = conn.peer_present_frame()
+            for watcher in tuple(self.watchers):
+                if watcher is not conn:
+                    watcher.send_frame(frame)
+
+    def remote_key_present(self, key: bytes) -> None:
+        """A key appeared on another worker or node: tell watchers (WatchConns sees the whole node)."""
+        if self.watchers and key not in self.clients:
+            frame = F.build_peer_present(key, None, 0, F.PEER_PRESENT_IS_REGULAR)
+            for watcher in tuple(self.watchers):
+                watcher.send_frame(frame)
+
+    def key_gone(self, key: bytes) -> None:
+        """The key is no longer reachable anywhere we know of: PeerGone to those who heard from it."""
+        receivers = self.sent_to.pop(key, None)
+        if receivers:
+            frame = F.build_peer_gone(key, F.PEER_GONE_DISCONNECTED)
+            for receiver_key in receivers:
+                receiver = self.clients.get(receiver_key)
+                if receiver is not None:
+                    receiver.send_frame(frame)
+                    self.stats.peer_gone_disconnected_frames += 1
+        if self.watchers:
+            frame = F.build_peer_gone(key, F.PEER_GONE_DISCONNECTED)
+            for watcher in tuple(self.watchers):
+                watcher.send_frame(frame)
+
+    def remote_key_gone(self, key: bytes) -> None:
+        if key not in self.clients:
+            self.key_gone(key)
+
+    def add_watcher(self, conn: DerpServerConn) -> None:
+        self.watchers.add(conn)
+        for client in list(self.clients.values()):
+            if client is not conn:
+                conn.send_frame(client.peer_present_frame())
+        if self.forwarder is not None:
+            for key in self.forwarder.remote_keys():
+                if key not in self.clients:
+                    conn.send_frame(F.build_peer_present(key, None, 0, F.PEER_PRESENT_IS_REGULAR))
+
+    def close_peer(self, key: bytes) -> int:
+        conns = list(self.dups.get(key, ())) or ([self.clients[key]] if key in self.clients else [])
+        for conn in conns:
+            conn.close_with("closed by mesh peer (ClosePeer)")
+        return len(conns)
+
+    # -- packets ------------------------------------------------------------------------------------
+
+    def deliver(self, dst: bytes, src: bytes, packet: bytes, *, forwarded: bool = False) -> bool:
+        """Deliver a packet from src to dst if dst is connected here; False when it is not."""
+        conn = self.clients.get(dst)
+        if conn is None:
+            return False
+        conn.deliver(src, packet)
+        receivers = self.sent_to.get(src)
+        if receivers is None:
+            self.sent_to[src] = {dst}
+        else:
+            receivers.add(dst)
+        return True
+
+    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes) -> None:
+        """A packet another worker or node sent us for a key it believes is here."""
+        self.stats.packets_forwarded_in += 1
+        if not self.deliver(dst, src, packet, forwarded=True):
+            self.stats.drop("unknown_dest_on_fwd")
+
+    # -- periodic work ------------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> None:
+        """Once a second: keepalives for 1/60 of clients; drop clients stuck past the write timeout."""
+        now = time.monotonic() if now is None else now
+        slot = self.keepalive_slots[self._sweep_index]
+        self._sweep_index = (self._sweep_index + 1) % KEEPALIVE_SLOTS
+        for conn in tuple(slot):
+            conn.send_keepalive()
+        for conn in tuple(self.paused):
+            limit = self.mesh_write_timeout if conn.is_mesh else self.write_timeout
+            if now - conn.paused_since > limit:
+                self.stats.write_timeouts += 1
+                conn.abort_with(f"write timeout ({limit:.0f}s without the client reading)")
+
+    def drain(self, reconnect_in_ms: int = 1000, try_for_ms: int = 30000) -> int:
+        """Planned shutdown: send Restarting to every client, then close them all."""
+        self.draining = True
+        frame = F.build_restarting(reconnect_in_ms, try_for_ms)
+        count = 0
+        for conn in tuple(self.connections):
+            if conn.registered:
+                conn.send_frame(frame, force=True)
+                count += 1
+            conn.close_with("server restarting", quiet=True)
+        self.stats.restarting_frames += count
+        return count
+
+    def describe(self, key: bytes) -> str:
+        return PublicKey(key).short()
+
+
+def _best_of(group: list[DerpServerConn]) -> DerpServerConn:
+    """Among duplicates: preferred ones first, then the most recently active."""
+    return max(group, key=lambda c: (c.preferred, c.last_active))

@@ -1,0 +1,145 @@
+"""Run one worker: a uvicorn server on given sockets, with DERP draining on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Generator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .http_protocol import protocol_class_for
+from .relay import SWEEP_INTERVAL, Relay
+
+log = logging.getLogger("relay_worker.server")
+
+
+def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket; SO_REUSEPORT lets every worker bind the DERP port itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def make_unix_socket(path: str) -> socket.socket:
+    import os
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class WorkerServer(uvicorn.Server):
+    """uvicorn's server, draining DERP clients with Restarting frames before it stops."""
+
+    def __init__(self, config: uvicorn.Config, relay: Relay, *, drain_timeout: float = 5.0,
+                 reconnect_in_ms: int = 1000, try_for_ms: int = 30000) -> None:
+        super().__init__(config)
+        self.relay = relay
+        self.drain_timeout = drain_timeout
+        self.reconnect_in_ms = reconnect_in_ms
+        self.try_for_ms = try_for_ms
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # Unlike uvicorn's, ours does not re-raise the signal after a graceful stop: a drained
+        # worker exits 0 so the supervisor can tell a clean stop from a crash.
+        self.loop = asyncio.get_running_loop()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            return
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.begin_drain)
+        else:
+            self.should_exit = True
+
+    def begin_drain(self) -> None:
+        if self.relay.draining:
+            return
+        count = self.relay.drain(self.reconnect_in_ms, self.try_for_ms)
+        log.info("draining: sent Restarting to %d clients", count)
+        self.should_exit = True
+
+    async def wait_drained(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.relay.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in tuple(self.relay.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+def uvicorn_config(app: Any, relay: Relay, *, log_level: str = "info", ssl_context: ssl.SSLContext | None = None,
+                   accept_gate: Callable[[Any], bool] | None = None) -> uvicorn.Config:
+    config = uvicorn.Config(
+        app,
+        http=protocol_class_for(relay, accept_gate),
+        ws="websockets-sansio",
+        lifespan="off",
+        loop="none",
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        ws_ping_interval=None,
+        ws_max_size=1 << 20,
+    )
+    config.load()
+    if ssl_context is not None:
+        config.ssl = ssl_context
+    return config
+
+
+async def run_sweeper(relay: Relay) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            relay.sweep()
+        except Exception:  # the sweeper must outlive any one bad connection
+            log.exception("sweep failed")
+
+
+async def serve(server: WorkerServer, sockets: list[socket.socket]) -> None:
+    sweeper = asyncio.create_task(run_sweeper(server.relay))
+    try:
+        await server.serve(sockets=sockets)
+        if not server.relay.draining:
+            server.begin_drain()
+        await server.wait_drained()
+    finally:
+        sweeper.cancel()
