@@ -28,7 +28,9 @@ _RECV_HEADER = struct.Struct(">BI")
 _recv_header = _RECV_HEADER.pack
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-DISCO_PEER_GONE_PER_SEC = 3.0
+# derper: PeerGone(not here) at 1/s sustained with a burst of 3 per client
+DISCO_PEER_GONE_PER_SEC = 1.0
+DISCO_PEER_GONE_BURST = 3.0
 
 HANDSHAKE, ADMITTING, ACTIVE, CLOSED = range(4)
 
@@ -85,7 +87,7 @@ class DerpServerConn(asyncio.Protocol):
         self.queue: deque[bytes] | None = None
         self.disco_queue: deque[bytes] | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.peer_gone_tokens = DISCO_PEER_GONE_PER_SEC
+        self.peer_gone_tokens = DISCO_PEER_GONE_BURST
         self.peer_gone_stamp = 0.0
         self._pending_frames: list[tuple[int, bytes]] | None = None
         self._pong_budget = 0
@@ -295,7 +297,7 @@ class DerpServerConn(asyncio.Protocol):
             return
         now = time.monotonic()
         refill = (now - self.peer_gone_stamp) * DISCO_PEER_GONE_PER_SEC
-        tokens = min(DISCO_PEER_GONE_PER_SEC, self.peer_gone_tokens + refill)
+        tokens = min(DISCO_PEER_GONE_BURST, self.peer_gone_tokens + refill)
         self.peer_gone_stamp = now
         if tokens < 1.0:
             self.peer_gone_tokens = tokens
