@@ -240,9 +240,6 @@ class DerpServerConn(asyncio.Protocol):
                 stats.bytes_received += size - 32
                 if self.has_dup:
                     relay.note_send_from_dup(self)
-                    if clients.get(self.key) is not self:
-                        stats.drop("dup_client")
-                        continue
                 dst = payload[:32]
                 target = clients.get(dst)
                 if target is not None:

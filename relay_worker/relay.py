@@ -28,19 +28,23 @@ KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL)
 
 
 class Forwarder(Protocol):
-    """How a worker reaches keys it does not hold. Implemented by `mesh`, wired by `cluster`."""
+    """How a worker reaches keys it does not hold. Implemented by `mesh`, wired by `cluster`.
+
+    The relay reports which local connection (if any) is active for each key; the forwarder
+    publishes that, and calls back `Relay.reroute`, `remote_key_present` and `remote_key_gone`
+    when the cluster-wide picture of a key changes.
+    """
 
     def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
         """Send to the remote owner of dst; False when no remote owner is known."""
 
-    def is_remote_winner(self, key: bytes) -> bool:
-        """True when the directory says another owner should receive packets for key."""
+    def remote_winner(self, key: bytes) -> bool:
+        """True when another owner, not this worker, should receive packets for key."""
 
-    def client_added(self, key: bytes, epoch: int, preferred: bool) -> None: ...
+    def known_elsewhere(self, key: bytes) -> bool:
+        """True when some other owner still holds key (so its local departure is no PeerGone)."""
 
-    def client_removed(self, key: bytes, epoch: int) -> None: ...
-
-    def preferred_changed(self, key: bytes, epoch: int, preferred: bool) -> None: ...
+    def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None: ...
 
     def remote_keys(self) -> Iterable[bytes]: ...
 
@@ -73,8 +77,10 @@ class Relay:
         self.token_bucket_burst = token_bucket_burst
         self.max_clients = max_clients
         self.stats = WorkerStats()
-        #: the connection that receives packets for each key held here (the hot-path table)
+        #: hot-path routing table: the connection that receives packets for each key routed here
         self.clients: dict[bytes, DerpServerConn] = {}
+        #: the local connection chosen for each key held here (routed unless an owner elsewhere wins)
+        self.active: dict[bytes, DerpServerConn] = {}
         #: keys with more than one connection here: every connection of that key, oldest first
         self.dups: dict[bytes, list[DerpServerConn]] = {}
         #: src key -> keys of local connections that received packets from src (for PeerGone)
@@ -115,18 +121,15 @@ class Relay:
         conn.keepalive_slot = slot
         self.keepalive_slots[slot].add(conn)
         self.stats.current_connections += 1
-        existing = self.clients.get(key)
-        if existing is None and key not in self.dups:
-            self.clients[key] = conn
-            self._announce_present(conn)
+        existing = self.active.get(key)
+        if existing is None:
+            self._activate(key, conn)
         else:
-            group = self.dups.setdefault(key, [existing] if existing is not None else [])
+            group = self.dups.setdefault(key, [existing])
             group.append(conn)
             for other in group:
                 other.has_dup = True
             self._activate(key, conn)
-        if self.forwarder is not None:
-            self.forwarder.client_added(key, conn.epoch, conn.preferred)
 
     def unregister(self, conn: DerpServerConn) -> None:
         key = conn.key
@@ -141,47 +144,62 @@ class Relay:
             if len(group) == 1:
                 del self.dups[key]
                 group[0].has_dup = False
-                self._activate(key, group[0])
-            elif group:
-                if self.clients.get(key) is conn:
-                    self._activate(key, _best_of(group))
-            else:
-                del self.dups[key]
-                self.clients.pop(key, None)
-        elif self.clients.get(key) is conn:
-            del self.clients[key]
-        if self.forwarder is not None:
-            self.forwarder.client_removed(key, conn.epoch)
-        if key not in self.clients:
-            self.key_gone(key)
+            if self.active.get(key) is conn:
+                self._activate(key, _best_of(group))
+            return
+        if self.active.get(key) is not conn:
+            return
+        del self.active[key]
+        self.clients.pop(key, None)
+        forwarder = self.forwarder
+        if forwarder is not None:
+            forwarder.local_active_changed(key, conn.epoch, conn.preferred, False)
+            if forwarder.known_elsewhere(key):
+                return
+        self.key_gone(key)
 
     def _activate(self, key: bytes, conn: DerpServerConn) -> None:
-        previous = self.clients.get(key)
-        self.clients[key] = conn
+        """Make conn the local connection for key, and route to it unless an owner elsewhere wins."""
+        previous = self.active.get(key)
+        self.active[key] = conn
         if previous is not conn:
             if previous is not None and previous.registered:
                 previous.send_frame(F.build_health("another connection with this node key is active"))
-            if previous is not None:
                 conn.send_frame(F.build_health(""))
             self._announce_present(conn)
+        if self.forwarder is not None:
+            self.forwarder.local_active_changed(key, conn.epoch, conn.preferred, True)
+        self.reroute(key)
+
+    def reroute(self, key: bytes) -> None:
+        """Recompute the hot-path route for key: the local active connection, unless the directory
+        says an owner elsewhere wins (a newer or preferred connection of the same key)."""
+        conn = self.active.get(key)
+        if conn is not None and (self.forwarder is None or not self.forwarder.remote_winner(key)):
+            self.clients[key] = conn
+        else:
+            self.clients.pop(key, None)
 
     def note_send_from_dup(self, conn: DerpServerConn) -> None:
         """Last writer wins among duplicate connections, unless another one said it is home."""
-        if self.clients.get(conn.key) is conn:
+        active = self.active.get(conn.key)
+        if active is conn:
             return
-        active = self.clients.get(conn.key)
         if active is not None and active.preferred and not conn.preferred:
             return
         self._activate(conn.key, conn)
 
     def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
-        if preferred != conn.preferred:
+        if preferred != conn.preferred and conn.registered:
             self.stats.current_home_connections += 1 if preferred else -1
         conn.preferred = preferred
+        if not conn.registered:
+            return
         if conn.has_dup and preferred:
             self._activate(conn.key, conn)
-        if self.forwarder is not None and conn.registered:
-            self.forwarder.preferred_changed(conn.key, conn.epoch, preferred)
+        elif self.active.get(conn.key) is conn and self.forwarder is not None:
+            self.forwarder.local_active_changed(conn.key, conn.epoch, preferred, True)
+            self.reroute(conn.key)
 
     # -- key presence (local and remote) ------------------------------------------------------------
 
@@ -194,7 +212,7 @@ class Relay:
 
     def remote_key_present(self, key: bytes) -> None:
         """A key appeared on another worker or node: tell watchers (WatchConns sees the whole node)."""
-        if self.watchers and key not in self.clients:
+        if self.watchers and key not in self.active:
             frame = F.build_peer_present(key, None, 0, F.PEER_PRESENT_IS_REGULAR)
             for watcher in tuple(self.watchers):
                 watcher.send_frame(frame)
@@ -205,7 +223,7 @@ class Relay:
         if receivers:
             frame = F.build_peer_gone(key, F.PEER_GONE_DISCONNECTED)
             for receiver_key in receivers:
-                receiver = self.clients.get(receiver_key)
+                receiver = self.active.get(receiver_key)
                 if receiver is not None:
                     receiver.send_frame(frame)
                     self.stats.peer_gone_disconnected_frames += 1
@@ -215,30 +233,33 @@ class Relay:
                 watcher.send_frame(frame)
 
     def remote_key_gone(self, key: bytes) -> None:
-        if key not in self.clients:
+        if key not in self.active:
             self.key_gone(key)
 
     def add_watcher(self, conn: DerpServerConn) -> None:
         self.watchers.add(conn)
-        for client in list(self.clients.values()):
+        for client in list(self.active.values()):
             if client is not conn:
                 conn.send_frame(client.peer_present_frame())
         if self.forwarder is not None:
             for key in self.forwarder.remote_keys():
-                if key not in self.clients:
+                if key not in self.active:
                     conn.send_frame(F.build_peer_present(key, None, 0, F.PEER_PRESENT_IS_REGULAR))
 
     def close_peer(self, key: bytes) -> int:
-        conns = list(self.dups.get(key, ())) or ([self.clients[key]] if key in self.clients else [])
+        conns = list(self.dups.get(key, ())) or ([self.active[key]] if key in self.active else [])
         for conn in conns:
             conn.close_with("closed by mesh peer (ClosePeer)")
         return len(conns)
 
     # -- packets ------------------------------------------------------------------------------------
 
-    def deliver(self, dst: bytes, src: bytes, packet: bytes, *, forwarded: bool = False) -> bool:
-        """Deliver a packet from src to dst if dst is connected here; False when it is not."""
-        conn = self.clients.get(dst)
+    def deliver(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+        """Deliver a packet from src to dst if dst is connected here; False when it is not.
+
+        Uses the local active connection, not the route: whoever forwarded it here decided we own
+        dst, and bouncing it on would risk loops while directories converge."""
+        conn = self.active.get(dst)
         if conn is None:
             return False
         conn.deliver(src, packet)
@@ -252,7 +273,7 @@ class Relay:
     def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes) -> None:
         """A packet another worker or node sent us for a key it believes is here."""
         self.stats.packets_forwarded_in += 1
-        if not self.deliver(dst, src, packet, forwarded=True):
+        if not self.deliver(dst, src, packet):
             self.stats.drop("unknown_dest_on_fwd")
 
     # -- periodic work ------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ async def test_tailscale_protocol_client_relays(one_worker: ClusterProcess, mode
         kwargs = {"fast_start": True, "server_public_key": a.server_public_key, "wait_server_info": False}
     b = await tc.TailscaleDerpClient.connect("127.0.0.1", one_worker.port, **kwargs)  # type: ignore[arg-type]
     try:
+        if mode == "fast_start_known_key":
+            # b did not wait for ServerInfo; only once it arrives is b registered and reachable
+            assert isinstance(await b.recv(timeout=5), tc.ServerInfo)
         assert await a.send_packet(b.public_key, b"hello from a")
         msg = await b.recv(timeout=5)
         while isinstance(msg, tc.ServerInfo | tc.KeepAlive):
