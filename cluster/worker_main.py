@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mesh.directory import Owner
+from mesh.worker_mesh import WorkerMesh
 from relay_worker import loop
 from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
@@ -49,10 +51,22 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     )
     host, port = config.listen_addr
     sockets = [make_listen_socket(host, port), make_unix_socket(str(run_dir / f"worker-{index}.sock"))]
-    app = build_app(relay, admin_token=config.admin_token_value())
+    mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation,
+                      [f"ipc://{run_dir}/mesh-{index}.ipc"], dead_after=3.0)
+    for peer in range(config.worker_count):
+        mesh.add_peer(Owner(config.node_name, peer), f"ipc://{run_dir}/mesh-{peer}.ipc")
+    mesh.start()
+
+    async def node_stats() -> dict[str, Any]:
+        return {"index": index, "pid": os.getpid(), "incarnation": incarnation, **mesh.stats()}
+
+    app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats)
     server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level), relay)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
-    await serve(server, sockets)
+    try:
+        await serve(server, sockets)
+    finally:
+        mesh.close()
 
 
 def main(argv: list[str] | None = None) -> None:

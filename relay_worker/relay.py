@@ -41,9 +41,6 @@ class Forwarder(Protocol):
     def remote_winner(self, key: bytes) -> bool:
         """True when another owner, not this worker, should receive packets for key."""
 
-    def known_elsewhere(self, key: bytes) -> bool:
-        """True when some other owner still holds key (so its local departure is no PeerGone)."""
-
     def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None: ...
 
     def remote_keys(self) -> Iterable[bytes]: ...
@@ -151,11 +148,11 @@ class Relay:
             return
         del self.active[key]
         self.clients.pop(key, None)
-        forwarder = self.forwarder
-        if forwarder is not None:
-            forwarder.local_active_changed(key, conn.epoch, conn.preferred, False)
-            if forwarder.known_elsewhere(key):
-                return
+        if self.forwarder is not None:
+            # The directory decides whether the key is gone from the whole node (PeerGone then
+            # comes back through remote_key_gone) or still held by another owner (no PeerGone).
+            self.forwarder.local_active_changed(key, conn.epoch, conn.preferred, False)
+            return
         self.key_gone(key)
 
     def _activate(self, key: bytes, conn: DerpServerConn) -> None:

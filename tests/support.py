@@ -119,6 +119,14 @@ class ClusterProcess:
             self._reader.join(5)
         return code
 
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the cluster to exit on its own (after a signal the test sent)."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
+
     def supervisor_state(self) -> dict[str, Any]:
         return json.loads((self.run_dir / "supervisor.json").read_text())
 
