@@ -25,6 +25,7 @@ from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
 
 from .config import Config, load_config
+from .node_metrics import gather_worker_docs, node_metrics_text
 
 log = logging.getLogger("cluster.worker")
 
@@ -60,7 +61,17 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     async def node_stats() -> dict[str, Any]:
         return {"index": index, "pid": os.getpid(), "incarnation": incarnation, **mesh.stats()}
 
-    app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats)
+    async def metrics_text() -> str:
+        own = {"worker": relay.stats.snapshot(), **await node_stats()}
+        docs = await gather_worker_docs(run_dir, config.worker_count, index, own)
+        try:
+            supervisor = json.loads((run_dir / "supervisor.json").read_text())
+        except (OSError, ValueError):
+            supervisor = None
+        return node_metrics_text(docs, supervisor)
+
+    app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats,
+                    metrics_text=metrics_text)
     server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level), relay)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
     try:

@@ -1,0 +1,61 @@
+"""Node-wide Prometheus metrics: whichever worker answers the admin request sums every worker's
+counters (fetched over their admin unix sockets) so a scrape through the shared port sees the node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from relay_worker.metrics import render_worker_metrics
+
+
+async def fetch_unix_json(path: Path, target: str, timeout: float = 2.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n".encode())
+            raw = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise OSError(f"{path}: {head[:60]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        from .status import _dechunk
+
+        body = _dechunk(body)
+    return json.loads(body)
+
+
+async def gather_worker_docs(run_dir: Path, worker_count: int, own_index: int,
+                             own_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    async def one(index: int) -> dict[str, Any] | None:
+        if index == own_index:
+            return own_doc
+        try:
+            return await fetch_unix_json(run_dir / f"worker-{index}.sock", "/debug/varz?local=1")
+        except (OSError, ValueError, TimeoutError):
+            return None  # a restarting worker: its counters are missing from this scrape only
+
+    docs = await asyncio.gather(*(one(i) for i in range(worker_count)))
+    return [doc for doc in docs if doc is not None]
+
+
+def node_metrics_text(docs: list[dict[str, Any]], supervisor: dict[str, Any] | None) -> str:
+    extra: dict[str, float] = {
+        "derp_cluster_workers_up": float(len(docs)),
+    }
+    if docs:
+        directory = docs[0].get("directory", {})
+        extra["derp_cluster_directory_keys"] = float(directory.get("size", 0))
+        mesh = [doc.get("mesh", {}) for doc in docs]
+        extra["derp_cluster_mesh_peers_alive"] = float(sum(m.get("peers_alive", 0) for m in mesh))
+        extra["derp_cluster_cross_worker_packets_out"] = float(sum(m.get("packets_out", 0) for m in mesh))
+        extra["derp_cluster_cross_worker_packets_in"] = float(sum(m.get("packets_in", 0) for m in mesh))
+        extra["derp_cluster_mesh_packets_dropped_full"] = float(
+            sum(m.get("packets_dropped_full", 0) for m in mesh))
+    if supervisor is not None:
+        extra["derp_cluster_worker_restarts"] = float(sum(w.get("restarts", 0) for w in supervisor["workers"]))
+    return render_worker_metrics([doc["worker"] for doc in docs], extra)
