@@ -37,7 +37,7 @@ async def connect_on(cluster: ClusterProcess, worker: int, key: PrivateKey | Non
         if worker_of_new_connection(cluster, before) == worker:
             return client
         await client.close()
-        await await_until(lambda: [d["worker"]["current_connections"] for d in cluster.all_varz()] == before,
+        await await_until(lambda want=before: [d["worker"]["current_connections"] for d in cluster.all_varz()] == want,
                           timeout=5, what="the extra connection to close")
     raise AssertionError(f"could not land a connection on worker {worker}")
 
