@@ -173,6 +173,9 @@ SETTINGS: tuple[Setting, ...] = (
             "--region-name"),
     Setting("node.mesh_listen", _str, "", "inter-node ZeroMQ address HOST:PORT (empty = single node)",
             "DERP_MESH_LISTEN", "--mesh-listen"),
+    Setting("node.mesh_advertise", _str, "",
+            "host other nodes use to reach this node's mesh ports (default: the mesh_listen host)",
+            "DERP_MESH_ADVERTISE", "--mesh-advertise"),
     Setting("node.join", _list, [], "seed nodes HOST:PORT to join (comma separated)", "DERP_JOIN",
             "--join"),
     Setting("node.mesh_secret_file", _str, "", "cluster mesh secret from `cluster keygen`",
@@ -230,6 +233,23 @@ class Config:
     def run_path(self) -> Path:
         run = self.values["server.run_dir"]
         return Path(run).resolve() if run else self.state_path / "run"
+
+    @property
+    def mesh_addr(self) -> tuple[str, int] | None:
+        listen = self.values["node.mesh_listen"]
+        return parse_hostport(listen) if listen else None
+
+    def mesh_advertise_host(self) -> str:
+        if self.values["node.mesh_advertise"]:
+            return str(self.values["node.mesh_advertise"])
+        addr = self.mesh_addr
+        if addr is None:
+            return ""
+        if addr[0] not in ("0.0.0.0", "::", ""):
+            return addr[0]
+        import socket
+
+        return socket.getfqdn()
 
     @property
     def node_name(self) -> str:
@@ -316,10 +336,41 @@ def _validate(config: Config) -> None:
         raise ConfigError("node.region_id (--region-id): custom DERP regions use IDs 900 and up")
     if v["limits.bytes_burst"] and not v["limits.bytes_per_second"]:
         raise ConfigError("limits.bytes_burst (--client-bytes-burst): set --client-bytes-per-second too")
+    if v["node.mesh_listen"]:
+        try:
+            parse_hostport(v["node.mesh_listen"])
+        except ValueError as exc:
+            raise ConfigError(f"node.mesh_listen (--mesh-listen): {exc}; want HOST:PORT") from exc
+    for seed in v["node.join"]:
+        try:
+            parse_hostport(seed)
+        except ValueError as exc:
+            raise ConfigError(f"node.join (--join): {seed!r}: {exc}; want HOST:PORT[,HOST:PORT]") from exc
+    if v["node.join"] and not v["node.mesh_listen"]:
+        raise ConfigError("node.join (--join): joining other nodes needs --mesh-listen HOST:PORT too")
+    if (v["node.mesh_listen"] or v["node.join"]) and not v["node.mesh_secret_file"]:
+        hosts = [parse_hostport(v["node.mesh_listen"])[0]] if v["node.mesh_listen"] else []
+        hosts += [parse_hostport(seed)[0] for seed in v["node.join"]]
+        if v["node.mesh_advertise"]:
+            hosts.append(v["node.mesh_advertise"])
+        if not all(_is_loopback_host(host) for host in hosts):
+            raise ConfigError("node.mesh_secret_file (--mesh-secret-file): meshing beyond loopback needs the "
+                              "cluster secret; create one with `cluster keygen --out FILE`")
     if v["admission.verify_client_url"] and not v["admission.verify_client_url"].startswith(
         ("http://", "https://")
     ):
         raise ConfigError("admission.verify_client_url (--verify-client-url): must be an http(s):// URL")
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:

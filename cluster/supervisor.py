@@ -86,6 +86,21 @@ class Supervisor:
         if port == 0:
             raise ConfigError("server.listen (--listen): workers share the port, so it cannot be 0")
         check_port_free(host, port)
+        mesh = self.config.mesh_addr
+        if mesh is not None:
+            for index in range(len(self.slots)):
+                try:
+                    check_port_free(mesh[0], mesh[1] + index)
+                except ConfigError as exc:
+                    raise ConfigError(f"node.mesh_listen (--mesh-listen): worker {index} needs port "
+                                      f"{mesh[1] + index}, which is in use; pick another base port") from exc
+        if self.config.node_mesh_secret_file:
+            from mesh.curve import MeshSecretError, read_secret_file
+
+            try:
+                read_secret_file(Path(self.config.node_mesh_secret_file))
+            except MeshSecretError as exc:
+                raise ConfigError(f"node.mesh_secret_file (--mesh-secret-file): {exc}") from exc
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
         self._lock_file = open(self.run_dir / "supervisor.lock", "w")  # noqa: SIM115 - held for life
@@ -213,6 +228,13 @@ class Supervisor:
         stun = self.config.stun_addr
         self.say(f"STUN on udp {stun[0]}:{stun[1]}" if stun else "STUN disabled")
         self.say(f"run dir {self.run_dir}; status: cluster status --run-dir {self.run_dir}")
+        mesh = self.config.mesh_addr
+        if mesh is not None:
+            secured = "CURVE-encrypted" if self.config.node_mesh_secret_file else \
+                "NO mesh secret: unencrypted, loopback only"
+            self.say(f"node {self.config.node_name} region {self.config.node_region_id}: mesh on tcp "
+                     f"{mesh[0]}:{mesh[1]}..{mesh[1] + len(self.slots) - 1} ({secured}); "
+                     f"joining {', '.join(self.config.node_join) or 'nobody (first node)'}")
         self.say("derpMap node: " + json.dumps(node_snippet(self.config)))
 
     def say(self, line: str) -> None:

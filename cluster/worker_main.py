@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import zmq
+
+from mesh.curve import derive_curve_keys, read_secret_file, start_authenticator
 from mesh.directory import Owner
 from mesh.worker_mesh import WorkerMesh
 from relay_worker import loop
@@ -24,7 +27,7 @@ from relay_worker.keys import load_or_create_server_key
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
 
-from .config import Config, load_config
+from .config import Config, load_config, parse_hostport
 from .node_metrics import gather_worker_docs, node_metrics_text
 
 log = logging.getLogger("cluster.worker")
@@ -52,10 +55,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     )
     host, port = config.listen_addr
     sockets = [make_listen_socket(host, port), make_unix_socket(str(run_dir / f"worker-{index}.sock"))]
-    mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation,
-                      [f"ipc://{run_dir}/mesh-{index}.ipc"], dead_after=3.0)
-    for peer in range(config.worker_count):
-        mesh.add_peer(Owner(config.node_name, peer), f"ipc://{run_dir}/mesh-{peer}.ipc")
+    mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
 
     async def node_stats() -> dict[str, Any]:
@@ -78,6 +78,35 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         await serve(server, sockets)
     finally:
         mesh.close()
+
+
+def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> WorkerMesh:
+    """This worker's membership in the node and, with --mesh-listen, in the multi-node cluster."""
+    run_dir = config.run_path
+    context = zmq.Context.instance()
+    curve = None
+    if config.node_mesh_secret_file:
+        curve = derive_curve_keys(read_secret_file(Path(config.node_mesh_secret_file)))
+        start_authenticator(context, curve)
+    inbox = [f"ipc://{run_dir}/mesh-{index}.ipc"]
+    advertise = ""
+    mesh_addr = config.mesh_addr
+    if mesh_addr is not None:
+        host, port = mesh_addr
+        bind_host = f"[{host}]" if ":" in host else host
+        inbox.append(f"tcp://{bind_host}:{port + index}")
+        adv = config.mesh_advertise_host()
+        advertise = f"tcp://{f'[{adv}]' if ':' in adv else adv}:{port + index}"
+    mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation, inbox,
+                      region=config.node_region_id, advertise_tcp=advertise, dead_after=3.0,
+                      node_dead_after=config.node_dead_after, curve=curve, context=context)
+    for peer in range(config.worker_count):
+        ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
+        mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)
+    for seed in config.node_join:
+        host, port = parse_hostport(seed)
+        mesh.add_seed(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")
+    return mesh
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,16 @@
-"""The mesh as one worker sees it: the key directory, its gossip with the other workers (and, via
-`NodeGossip`, other nodes), and the `Forwarder` the relay uses for keys held elsewhere.
+"""The mesh as one worker sees it: membership, the key directory and its gossip, and the
+`Forwarder` the relay uses for keys held elsewhere.
 
-Within a host every worker has an inbox at `ipc://RUN_DIR/mesh-N.ipc`; every worker heartbeats to
-every other with its incarnation and directory digest. A silent worker is declared dead after
-`dead_after` seconds and its keys leave the directory; a new incarnation is welcomed back.
+Every worker of every node is a member. A worker's inbox listens on `ipc://RUN_DIR/mesh-N.ipc`
+(its own node's workers use that) and, on a multi-node cluster, on `tcp://MESH_HOST:MESH_PORT+N`
+(other nodes use that, with CURVE). Members heartbeat to every member they know with their
+incarnation, their directory digest and their view of the membership, so a node joining through
+any seed learns everyone. A member silent for `dead_after` (longer across nodes than within one)
+is declared dead and its keys leave the directory; a member that learns it was declared dead (a
+healed partition) takes a new incarnation and republishes its keys, and is welcomed back.
+
+Packets go straight to the owning worker on whichever node it is: one ZeroMQ hop, no ingress
+process in between, batched per peer per loop iteration.
 """
 
 from __future__ import annotations
@@ -31,10 +38,14 @@ CHUNK = 4000
 class PeerState:
     owner: Owner
     endpoint: str
+    region: int = 0
+    ipc: str = ""
+    tcp: str = ""
     incarnation: int = 0
     last_heard: float = 0.0
     alive: bool = False
     last_repair: float = 0.0
+    ever_heard: bool = False
 
 
 @dataclass
@@ -54,18 +65,30 @@ class WorkerMesh:
         incarnation: int,
         inbox: list[str],
         *,
+        region: int = 0,
+        advertise_tcp: str = "",
         heartbeat: float = 0.5,
         dead_after: float = 3.0,
+        node_dead_after: float = 10.0,
         curve: CurveKeys | None = None,
+        context: Any = None,
     ) -> None:
         self.relay = relay
         self.owner = owner
         self.incarnation = incarnation
+        self.region = region
         self.directory = Directory(owner, incarnation)
-        self.transport = MeshTransport(inbox, self._on_message, curve=curve)
+        self.transport = MeshTransport(inbox, self._on_message, curve=curve, context=context)
+        self.ipc_endpoint = next((e for e in self.transport.bound if e.startswith("ipc://")), "")
+        self.tcp_endpoint = advertise_tcp
         self.heartbeat = heartbeat
         self.dead_after = dead_after
+        self.node_dead_after = node_dead_after
         self.peers: dict[Owner, PeerState] = {}
+        self.seeds: set[str] = set()
+        self.dead_marks: dict[Owner, int] = {}
+        self.last_tick = 0.0
+        self.reincarnations = 0
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
         self._task: asyncio.Task[None] | None = None
@@ -80,11 +103,20 @@ class WorkerMesh:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def add_peer(self, owner: Owner, endpoint: str) -> None:
-        if owner == self.owner:
+    def add_peer(self, owner: Owner, endpoint: str, *, ipc: str = "", tcp: str = "", region: int = 0) -> None:
+        """Know a member: heartbeat to it from now on. Same-node members are reached over ipc."""
+        if owner == self.owner or owner in self.peers:
             return
-        self.peers[owner] = PeerState(owner, endpoint, last_heard=time.monotonic())
+        self.peers[owner] = PeerState(owner, endpoint, region=region, ipc=ipc, tcp=tcp, last_heard=time.monotonic())
         self.transport.connect(owner, endpoint)
+
+    def add_seed(self, endpoint: str) -> None:
+        """A `--join` address: heartbeat there until the member behind it is known by name."""
+        self.seeds.add(endpoint)
+        self.transport.connect(("seed", endpoint), endpoint)
+
+    def _endpoint_for(self, owner: Owner, ipc: str, tcp: str) -> str:
+        return ipc if owner.node == self.owner.node and ipc else tcp
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,6 +216,7 @@ class WorkerMesh:
             sender = Owner(wire.field(body, "node", str), wire.field(body, "worker", int))
             incarnation = wire.field(body, "inc", int)
             if kind == wire.HEARTBEAT:
+                self._learn_members(sender, incarnation, body)
                 self._on_heartbeat(sender, incarnation, wire.field(body, "digest", bytes))
             elif kind == wire.DIR_DELTA:
                 self._note_alive(sender, incarnation)
@@ -203,20 +236,72 @@ class WorkerMesh:
     def _merge(self, encoded: bytes) -> None:
         self._apply_changes(self.directory.merge(decode_entries(encoded)))
 
+    def _learn_members(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
+        tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
+        region = body.get("region") if isinstance(body.get("region"), int) else 0
+        known = self.peers.get(sender)
+        if known is None and sender != self.owner:
+            endpoint = self._endpoint_for(sender, ipc, tcp)
+            if endpoint:
+                self.add_peer(sender, endpoint, ipc=ipc, tcp=tcp, region=region)
+                log.info("mesh member %s/%d joined (region %d)", sender.node, sender.worker, region)
+        elif known is not None and (known.ipc, known.tcp) != (ipc, tcp):
+            # the member restarted somewhere else (a rescheduled pod, a new port): follow it
+            endpoint = self._endpoint_for(sender, ipc, tcp)
+            if endpoint:
+                known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
+                self.transport.connect(sender, endpoint)
+        for row in body.get("members", ()):
+            if not (isinstance(row, list) and len(row) == 5):
+                continue
+            node, worker, m_ipc, m_tcp, m_region = row
+            if not (isinstance(node, str) and isinstance(worker, int) and isinstance(m_ipc, str)
+                    and isinstance(m_tcp, str) and isinstance(m_region, int)):
+                continue
+            owner = Owner(node, worker)
+            if owner != self.owner and owner not in self.peers:
+                endpoint = self._endpoint_for(owner, m_ipc, m_tcp)
+                if endpoint:
+                    self.add_peer(owner, endpoint, ipc=m_ipc, tcp=m_tcp, region=m_region)
+        for row in body.get("dead", ()):
+            if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
+                    row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
+                self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
+
+    def _reincarnate(self, why: str) -> None:
+        """We were declared dead (a partition healed): come back as a new incarnation."""
+        new = max(self.incarnation + 1, int(time.time() * 1000) * 100)
+        log.warning("mesh: %s; rejoining as incarnation %d", why, new)
+        delta = self.directory.reincarnate(new)
+        self.incarnation = new
+        self.reincarnations += 1
+        if delta:
+            self._broadcast_records(delta.entries)
+            self._apply_changes(delta.changes)
+
     def _note_alive(self, sender: Owner, incarnation: int) -> PeerState | None:
         peer = self.peers.get(sender)
         if peer is None:
             return None
         if incarnation > peer.incarnation:
             if peer.incarnation:
-                # the worker restarted: everything its previous process held is gone
-                self._apply_changes(self.directory.mark_dead(sender, peer.incarnation))
+                # the process restarted or rejoined: everything its previous incarnation held is gone
+                self._mark_dead(peer)
             peer.incarnation = incarnation
+            self.dead_marks.pop(sender, None)
+        elif incarnation < peer.incarnation or self.dead_marks.get(sender) == incarnation:
+            return None  # a late message from a dead incarnation: ignore until it rejoins
         peer.last_heard = time.monotonic()
+        peer.ever_heard = True
         if not peer.alive:
             peer.alive = True
             log.info("mesh peer %s/%d is up (incarnation %d)", sender.node, sender.worker, incarnation)
         return peer
+
+    def _mark_dead(self, peer: PeerState) -> None:
+        self.dead_marks[peer.owner] = peer.incarnation
+        self._apply_changes(self.directory.mark_dead(peer.owner, peer.incarnation))
 
     def _on_heartbeat(self, sender: Owner, incarnation: int, digest: bytes) -> None:
         peer = self._note_alive(sender, incarnation)
@@ -245,18 +330,38 @@ class WorkerMesh:
                 log.exception("mesh heartbeat failed")
             await asyncio.sleep(self.heartbeat)
 
+    def heartbeat_message(self) -> bytes:
+        members = [[self.owner.node, self.owner.worker, self.ipc_endpoint, self.tcp_endpoint, self.region]]
+        members += [[o.node, o.worker, p.ipc, p.tcp, p.region] for o, p in self.peers.items() if p.alive]
+        dead = [[o.node, o.worker, inc] for o, inc in self.dead_marks.items()]
+        return wire.build_control(wire.HEARTBEAT, self._envelope(
+            digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
+            members=members, dead=dead))
+
     def tick(self) -> None:
-        message = wire.build_control(wire.HEARTBEAT, self._envelope(digest=self.directory.digest()))
-        self.transport.broadcast_control(message)
         now = time.monotonic()
+        if self.last_tick and now - self.last_tick > max(4 * self.heartbeat, 1.0):
+            # Our own loop stalled (or the process was stopped): we cannot tell who went silent, so
+            # give everyone a fresh grace period instead of declaring the whole cluster dead.
+            for peer in self.peers.values():
+                peer.last_heard = now
+        self.last_tick = now
+        message = self.heartbeat_message()
+        for peer in self.peers:
+            self.transport.send_control(peer, message)
+        known_tcp = {p.tcp for p in self.peers.values() if p.alive}
+        for seed in self.seeds:
+            if seed not in known_tcp:
+                self.transport.send_control(("seed", seed), message)
         for peer in self.peers.values():
-            if peer.alive and now - peer.last_heard > self.dead_after:
+            limit = self.dead_after if peer.owner.node == self.owner.node else self.node_dead_after
+            if peer.alive and now - peer.last_heard > limit:
                 peer.alive = False
                 self.deaths += 1
                 log.warning("mesh peer %s/%d silent for %.1fs: dropping its keys", peer.owner.node,
                             peer.owner.worker, now - peer.last_heard)
                 if peer.incarnation:
-                    self._apply_changes(self.directory.mark_dead(peer.owner, peer.incarnation))
+                    self._mark_dead(peer)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -268,8 +373,14 @@ class WorkerMesh:
                 "deaths": self.deaths,
                 "bad_messages": self.bad_messages,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
-                "peers": {f"{o.node}/{o.worker}": {"alive": p.alive, "incarnation": p.incarnation,
-                                                   "last_heard_ago": round(time.monotonic() - p.last_heard, 2)}
-                          for o, p in self.peers.items()},
+                "reincarnations": self.reincarnations,
+                "incarnation": self.incarnation,
+                "peers": {f"{o.node}/{o.worker}": {
+                    "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
+                    "incarnation": p.incarnation, "endpoint": p.endpoint,
+                    "last_heard_ago": round(time.monotonic() - p.last_heard, 2) if p.ever_heard else None,
+                    "keys": sum(1 for owner in self.directory.resolved.values() if owner == o),
+                    "packets_out": link.packets_sent if (link := self.transport.peers.get(o)) else 0,
+                } for o, p in self.peers.items()},
             },
         }
