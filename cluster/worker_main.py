@@ -77,7 +77,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     try:
         await serve(server, sockets)
     finally:
-        mesh.close()
+        await mesh.close()
 
 
 def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> WorkerMesh:
@@ -103,6 +103,10 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
     for peer in range(config.worker_count):
         ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
         mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)
+    for url in config.mesh_with:
+        if not relay.mesh_key:
+            raise SystemExit("server.mesh_with (--mesh-with) needs --mesh-key-file: the derpers' mesh key")
+        mesh.mesh_with_derper(url, relay.mesh_key)
     for seed in config.node_join:
         host, port = parse_hostport(seed)
         mesh.add_seed(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")

@@ -25,6 +25,7 @@ from typing import Any
 from relay_worker.relay import Relay
 
 from . import wire
+from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
 from .transport import CurveKeys, MeshTransport
 
@@ -89,6 +90,9 @@ class WorkerMesh:
         self.dead_marks: dict[Owner, int] = {}
         self.last_tick = 0.0
         self.reincarnations = 0
+        #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper
+        self.foreign: dict[bytes, DerpMeshPeer] = {}
+        self.derp_peers: list[DerpMeshPeer] = []
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
         self._task: asyncio.Task[None] | None = None
@@ -123,10 +127,14 @@ class WorkerMesh:
         self.transport.start(loop)
         self.relay.forwarder = self
         self._task = loop.create_task(self._heartbeat_loop())
+        for peer in self.derp_peers:
+            peer.start()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for peer in self.derp_peers:
+            await peer.close()
         self.transport.close()
 
     # -- Forwarder (called by the relay) ------------------------------------------------------------
@@ -134,7 +142,8 @@ class WorkerMesh:
     def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
         owner = self.directory.resolved.get(dst)
         if owner is None or owner == self.owner:
-            return False
+            derper = self.foreign.get(dst)
+            return derper is not None and derper.forward(src, dst, packet)
         if not self.transport.queue_packet(owner, wire.packet_record(dst, src, packet)):
             self.unroutable += 1
             return False
@@ -146,7 +155,30 @@ class WorkerMesh:
 
     def remote_keys(self) -> Iterable[bytes]:
         me = self.owner
+        # Only keys of our own cluster: like derper, WatchConns reports what this server can
+        # deliver itself, never what it learned from other derpers (that would echo back to them).
         return [key for key, owner in self.directory.resolved.items() if owner != me]
+
+    # -- stock derpers (Tailscale's mesh protocol) ----------------------------------------------
+
+    def mesh_with_derper(self, url: str, mesh_key: str) -> None:
+        peer = DerpMeshPeer(url, mesh_key, self.relay.server_key, on_present=self._derper_key_present,
+                            on_gone=self._derper_key_gone)
+        self.derp_peers.append(peer)
+
+    def _derper_key_present(self, key: bytes, peer: DerpMeshPeer) -> None:
+        if key == self.relay.server_public:
+            return  # our own mesh connection, as the derper lists it
+        self.foreign[key] = peer
+
+    def _derper_key_gone(self, key: bytes, peer: DerpMeshPeer) -> None:
+        if self.foreign.get(key) is peer:
+            del self.foreign[key]
+            other = next((p for p in self.derp_peers if p is not peer and key in p.keys), None)
+            if other is not None:
+                self.foreign[key] = other
+            elif key not in self.directory.resolved and key not in self.relay.active:
+                self.relay.key_gone(key, tell_watchers=False)
 
     def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None:
         current = self.published.get(key)
@@ -178,9 +210,9 @@ class WorkerMesh:
         me = self.owner
         for change in changes:
             relay.reroute(change.key)
-            if change.new_owner is None:
+            if change.new_owner is None and change.key not in self.foreign:
                 relay.remote_key_gone(change.key)
-            elif change.old_owner is None and change.new_owner != me:
+            elif change.old_owner is None and change.new_owner != me and change.key not in self.foreign:
                 relay.remote_key_present(change.key)
         corrections = self.directory.take_corrections()
         if corrections:
@@ -374,6 +406,7 @@ class WorkerMesh:
                 "bad_messages": self.bad_messages,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
+                "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,

@@ -270,7 +270,7 @@ class DerpServerConn(asyncio.Protocol):
                     self._protocol_error(str(exc))
                     return
                 stats.packets_received += 1
-                relay.deliver_forwarded(dst, src, packet)
+                relay.deliver_forwarded(dst, src, packet, from_derp_mesh=True)
             elif frame_type == F.WATCH_CONNS:
                 if not self._require_mesh("WatchConns"):
                     return

@@ -214,7 +214,7 @@ class Relay:
             for watcher in tuple(self.watchers):
                 watcher.send_frame(frame)
 
-    def key_gone(self, key: bytes) -> None:
+    def key_gone(self, key: bytes, *, tell_watchers: bool = True) -> None:
         """The key is no longer reachable anywhere we know of: PeerGone to those who heard from it."""
         receivers = self.sent_to.pop(key, None)
         if receivers:
@@ -224,7 +224,7 @@ class Relay:
                 if receiver is not None:
                     receiver.send_frame(frame)
                     self.stats.peer_gone_disconnected_frames += 1
-        if self.watchers:
+        if tell_watchers and self.watchers:
             frame = F.build_peer_gone(key, F.PEER_GONE_DISCONNECTED)
             for watcher in tuple(self.watchers):
                 watcher.send_frame(frame)
@@ -267,11 +267,19 @@ class Relay:
             receivers.add(dst)
         return True
 
-    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes) -> None:
-        """A packet another worker or node sent us for a key it believes is here."""
+    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> None:
+        """A packet another worker or node sent us for a key it believes is here.
+
+        A stock derper (Tailscale's mesh) sees our whole node as one server, so what it forwards
+        may belong to another of our workers: that takes one more hop over our own mesh. Packets
+        from our own mesh are never forwarded again, so nothing can loop."""
         self.stats.packets_forwarded_in += 1
-        if not self.deliver(dst, src, packet):
-            self.stats.drop("unknown_dest_on_fwd")
+        if self.deliver(dst, src, packet):
+            return
+        if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(dst, src, packet):
+            self.stats.packets_forwarded_out += 1
+            return
+        self.stats.drop("unknown_dest_on_fwd")
 
     # -- periodic work ------------------------------------------------------------------------------
 

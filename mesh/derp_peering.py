@@ -1,0 +1,110 @@
+"""Tailscale's own DERP mesh, client side: what derper's `-mesh-with` does, so one of our nodes can
+sit in a region beside stock derpers.
+
+For each configured derper URL a worker keeps one DERP connection authenticated with the region's
+mesh key, subscribes with WatchConns, and tracks which keys that derper holds (PeerPresent /
+PeerGone). Packets for those keys leave with ForwardPacket on that connection. The connection is
+re-established with backoff; while it is down, the derper's keys are considered gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from relay_worker import frames as F
+from relay_worker.client import DerpClient, DerpClientError, PeerGone
+from relay_worker.keys import PrivateKey
+
+log = logging.getLogger("mesh.derp_peering")
+
+#: bytes we let queue on a derper connection before dropping forwarded packets (slow peer)
+MAX_BUFFERED = 4 << 20
+
+
+class DerpMeshPeer:
+    def __init__(self, url: str, mesh_key: str, private_key: PrivateKey, *,
+                 on_present: Callable[[bytes, DerpMeshPeer], None],
+                 on_gone: Callable[[bytes, DerpMeshPeer], None]) -> None:
+        self.url = url
+        self.mesh_key = mesh_key
+        self.private_key = private_key
+        self.on_present = on_present
+        self.on_gone = on_gone
+        self.keys: set[bytes] = set()
+        self.client: DerpClient | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.connected = False
+        self.forwarded = 0
+        self.dropped = 0
+        self.connects = 0
+        self.last_error = ""
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        if self.client is not None:
+            await self.client.close()
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        client = self.client
+        if client is None or not self.connected:
+            return False
+        writer = getattr(client.io, "writer", None)
+        if writer is not None and writer.transport.get_write_buffer_size() > MAX_BUFFERED:
+            self.dropped += 1
+            return True  # the owner is known; the packet is dropped and counted, not bounced
+        client.io.write(F.build_forward_packet(src, dst, packet))
+        self.forwarded += 1
+        return True
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                self.client = await DerpClient.connect(self.url, self.private_key, mesh_key=self.mesh_key,
+                                                       timeout=10)
+                self.connects += 1
+                await self.client.watch_conns()
+                self.connected = True
+                backoff = 0.5
+                log.info("meshed with derper %s", self.url)
+                await self._receive(self.client)
+            except (DerpClientError, OSError, TimeoutError, F.ProtocolError) as exc:
+                self.last_error = str(exc)
+                log.warning("mesh with %s: %s; retrying in %.1fs", self.url, exc, backoff)
+            finally:
+                self.connected = False
+                self._forget_all()
+                if self.client is not None:
+                    await self.client.close()
+                    self.client = None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _receive(self, client: DerpClient) -> None:
+        while True:
+            event = await client.recv()
+            if isinstance(event, F.PeerPresent):
+                if event.key not in self.keys:
+                    self.keys.add(event.key)
+                    self.on_present(event.key, self)
+            elif isinstance(event, PeerGone) and event.key in self.keys:
+                self.keys.discard(event.key)
+                self.on_gone(event.key, self)
+
+    def _forget_all(self) -> None:
+        keys, self.keys = self.keys, set()
+        for key in keys:
+            self.on_gone(key, self)
+
+    def stats(self) -> dict[str, object]:
+        return {"url": self.url, "connected": self.connected, "keys": len(self.keys), "forwarded": self.forwarded,
+                "dropped": self.dropped, "connects": self.connects, "last_error": self.last_error}
