@@ -58,4 +58,12 @@ def node_metrics_text(docs: list[dict[str, Any]], supervisor: dict[str, Any] | N
             sum(m.get("packets_dropped_full", 0) for m in mesh))
     if supervisor is not None:
         extra["derp_cluster_worker_restarts"] = float(sum(w.get("restarts", 0) for w in supervisor["workers"]))
-    return render_worker_metrics([doc["worker"] for doc in docs], extra)
+    stun: dict[str, int] = {}
+    for doc in docs:
+        stats = doc.get("stun")
+        if not stats:
+            continue
+        stun["response"] = stun.get("response", 0) + stats.get("responses", 0)
+        for reason, count in stats.get("drops", {}).items():
+            stun[reason] = stun.get(reason, 0) + count
+    return render_worker_metrics([doc["worker"] for doc in docs], extra, stun_dispositions=stun)

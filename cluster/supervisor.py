@@ -59,6 +59,16 @@ def check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"server.listen (--listen): cannot bind {host}:{port}: {exc.strerror}") from exc
 
 
+def check_udp_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"stun.listen (--stun): udp {host}:{port} is unavailable ({exc.strerror}); "
+                              "pick another port or --no-stun") from exc
+
+
 def pick_free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -86,6 +96,9 @@ class Supervisor:
         if port == 0:
             raise ConfigError("server.listen (--listen): workers share the port, so it cannot be 0")
         check_port_free(host, port)
+        stun = self.config.stun_addr
+        if stun is not None:
+            check_udp_port_free(*stun)
         mesh = self.config.mesh_addr
         if mesh is not None:
             for index in range(len(self.slots)):

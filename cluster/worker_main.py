@@ -26,6 +26,7 @@ from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
+from stun.server import start_stun_server
 
 from .config import Config, load_config, parse_hostport
 from .node_metrics import gather_worker_docs, node_metrics_text
@@ -58,8 +59,21 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
 
+    stun_server = None
+    stun_addr = config.stun_addr
+    if stun_addr is not None:
+        # Every worker answers STUN on the same port (SO_REUSEPORT): no extra process to babysit.
+        try:
+            stun_server = await start_stun_server(stun_addr[0], stun_addr[1], reuse_port=True)
+        except OSError as exc:
+            raise SystemExit(f"stun.listen (--stun): cannot bind udp {stun_addr[0]}:{stun_addr[1]}: "
+                             f"{exc.strerror}; pick another port or --no-stun") from exc
+
     async def node_stats() -> dict[str, Any]:
-        return {"index": index, "pid": os.getpid(), "incarnation": incarnation, **mesh.stats()}
+        doc: dict[str, Any] = {"index": index, "pid": os.getpid(), "incarnation": incarnation, **mesh.stats()}
+        if stun_server is not None:
+            doc["stun"] = stun_server.stats()
+        return doc
 
     async def metrics_text() -> str:
         own = {"worker": relay.stats.snapshot(), **await node_stats()}
@@ -78,6 +92,8 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         await serve(server, sockets)
     finally:
         await mesh.close()
+        if stun_server is not None:
+            stun_server.close()
 
 
 def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> WorkerMesh:

@@ -36,9 +36,11 @@ _GAUGES = {
 
 
 class _SnapshotCollector:
-    def __init__(self, snapshots: list[dict[str, Any]], extra: dict[str, float]) -> None:
+    def __init__(self, snapshots: list[dict[str, Any]], extra: dict[str, float],
+                 stun_dispositions: dict[str, int]) -> None:
         self.snapshots = snapshots
         self.extra = extra
+        self.stun = stun_dispositions
 
     def collect(self) -> Iterable[Any]:
         for field, name in _GAUGES.items():
@@ -55,11 +57,17 @@ class _SnapshotCollector:
         for reason, count in sorted(reasons.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        if self.stun:
+            stun = CounterMetricFamily("stun_requests", "STUN datagrams by disposition", labels=["disposition"])
+            for disposition, count in sorted(self.stun.items()):
+                stun.add_metric([disposition], count)
+            yield stun
         for name, value in self.extra.items():
             yield GaugeMetricFamily(name, name.replace("_", " "), value=value)
 
 
-def render_worker_metrics(snapshots: list[dict[str, Any]], extra: dict[str, float] | None = None) -> str:
+def render_worker_metrics(snapshots: list[dict[str, Any]], extra: dict[str, float] | None = None,
+                          stun_dispositions: dict[str, int] | None = None) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshots, extra or {}))  # type: ignore[arg-type]
+    registry.register(_SnapshotCollector(snapshots, extra or {}, stun_dispositions or {}))  # type: ignore[arg-type]
     return generate_latest(registry).decode()

@@ -196,3 +196,16 @@ def test_startup_prints_url_workers_and_derpmap_snippet() -> None:
         text = cluster.log()
         assert f"http://127.0.0.1:{cluster.port}/derp with 2 workers" in text
         assert '"DERPPort": ' + str(cluster.port) in text
+
+
+async def test_every_worker_answers_stun_on_the_shared_port() -> None:
+    from stun.client import stun_request
+
+    with ClusterProcess(workers=2, stun=True) as cluster:
+        results = [await stun_request("127.0.0.1", cluster.stun_port, timeout=2.0) for _ in range(20)]
+        assert all(r.ip == "127.0.0.1" and r.port > 0 for r in results)
+        served = [doc["stun"]["responses"] for doc in cluster.all_varz()]
+        assert sum(served) == 20
+        text = await asyncio.to_thread(
+            lambda: __import__("urllib.request").request.urlopen(cluster.base + "/metrics", timeout=10).read())
+        assert b'stun_requests_total{disposition="response"} 20.0' in text
