@@ -165,6 +165,7 @@ def render(result: dict[str, Any]) -> None:
             ("errors", f"{result['errors']:,} {result['error_kinds'] or ''}"),
             ("server CPU %", _num(result["server_cpu_percent"], ".0f")),
             ("server CPU µs/handshake", _num(result["server_cpu_us_per_handshake"], ".1f")),
+            ("handshakes per CPU-second (one busy core)", _num(result["handshakes_per_cpu_second"])),
             ("load generator CPU %", _num(result["client_cpu_percent"], ".0f")),
         ]
     else:

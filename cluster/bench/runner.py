@@ -272,6 +272,9 @@ def run_connect(target: Target, *, concurrency: int, seconds: float, warmup: flo
         "server_pids": target.server_pids,
         "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / elapsed,
         "server_cpu_us_per_handshake": None if server_cpu is None or not done else server_cpu * 1e6 / done,
+        # What one fully busy core would sustain at that cost: on a box the generator (and anything
+        # else) shares, the measured rate is capped by the CPU the worker got, not by its code.
+        "handshakes_per_cpu_second": None if not server_cpu or not done else done / server_cpu,
         "client_cpu_percent": 100.0 * (agent1 - agent0) / elapsed,
         "machine_cpu_percent": 100.0 * (machine1 - machine0) / elapsed,
         "other_cpu_percent": 100.0 * ((machine1 - machine0) - (agent1 - agent0) - (server_cpu or 0.0)) / elapsed,
