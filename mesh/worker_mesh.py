@@ -92,6 +92,8 @@ class WorkerMesh:
         self.reincarnations = 0
         #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper
         self.foreign: dict[bytes, DerpMeshPeer] = {}
+        self._outgoing: list[Record] = []
+        self._flush_scheduled = False
         self.derp_peers: list[DerpMeshPeer] = []
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
@@ -200,8 +202,24 @@ class WorkerMesh:
             del self.published[key]
             delta = self.directory.local_remove(key, current.pub_epoch)
         if delta:
-            self._broadcast_records(delta.entries)
+            self._queue_records(delta.entries)
             self._apply_changes(delta.changes)
+
+    def _queue_records(self, records: list[Record]) -> None:
+        """Gather this loop iteration's local directory changes into one message per peer: a burst
+        of connects costs one encode and one send, not one per client."""
+        if not self.peers and not self.seeds:
+            return
+        self._outgoing.extend(records)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_records)
+
+    def _flush_records(self) -> None:
+        self._flush_scheduled = False
+        records, self._outgoing = self._outgoing, []
+        if records:
+            self._broadcast_records(records)
 
     # -- directory changes -> relay -----------------------------------------------------------------
 
@@ -234,11 +252,8 @@ class WorkerMesh:
             return
         kind = message[0]
         if kind == wire.PACKETS:
-            relay = self.relay
             try:
-                for dst, src, payload in wire.iter_packets(message):
-                    self.packets_in += 1
-                    relay.deliver_forwarded(dst, src, payload)
+                self.packets_in += self.relay.deliver_forwarded_batch(wire.iter_packets(message))
             except wire.WireError as exc:
                 self.bad_messages += 1
                 log.warning("dropping malformed packet batch: %s", exc)

@@ -85,9 +85,9 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self.connections.discard(self)  # the relay owns it now, and drains it on shutdown
         headers = {name: value for name, value in self.headers}
         relay = self.relay
-        if headers.get(b"derp-fast-start", b"").strip() != b"1":
-            self.transport.write(switching_protocols_response(relay.server_public))
-        conn = DerpServerConn(relay, self.client, ideal_node=b"ideal-node" not in headers)
+        fast_start = headers.get(b"derp-fast-start", b"").strip() == b"1"
+        preamble = b"" if fast_start else switching_protocols_response(relay.server_public)
+        conn = DerpServerConn(relay, self.client, ideal_node=b"ideal-node" not in headers, preamble=preamble)
         transport = self.transport
         transport.set_protocol(conn)
         conn.connection_made(transport)

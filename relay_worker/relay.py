@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from . import frames as F
+from .handshake import ServerHandshake
 from .keys import PrivateKey, PublicKey
 from .stats import WorkerStats
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from .conn import DerpServerConn
 
 log = logging.getLogger("relay_worker.relay")
+_RECV_HEADER = struct.Struct(">BI").pack
 
 KEEPALIVE_INTERVAL = 60.0
 SWEEP_INTERVAL = 1.0
@@ -65,6 +68,7 @@ class Relay:
         self.server_key = server_key
         self.server_public = server_key.public().raw
         self.server_key_frame = F.build_server_key(self.server_public)
+        self.handshake = ServerHandshake(server_key)
         self.mesh_key = mesh_key
         self.write_timeout = write_timeout
         self.mesh_write_timeout = mesh_write_timeout
@@ -251,6 +255,14 @@ class Relay:
 
     # -- packets ------------------------------------------------------------------------------------
 
+    def note_delivery(self, src: bytes, dst: bytes) -> None:
+        """dst received from src: it is told PeerGone when src leaves (derper's sentTo)."""
+        receivers = self.sent_to.get(src)
+        if receivers is None:
+            self.sent_to[src] = {dst}
+        elif dst not in receivers:
+            receivers.add(dst)
+
     def deliver(self, dst: bytes, src: bytes, packet: bytes) -> bool:
         """Deliver a packet from src to dst if dst is connected here; False when it is not.
 
@@ -260,12 +272,40 @@ class Relay:
         if conn is None:
             return False
         conn.deliver(src, packet)
-        receivers = self.sent_to.get(src)
-        if receivers is None:
-            self.sent_to[src] = {dst}
-        else:
-            receivers.add(dst)
+        self.note_delivery(src, dst)
         return True
+
+    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, bytes]]) -> int:
+        """Packets from our own mesh: one write per destination connection for the whole batch.
+
+        Returns how many records were malformed-free and handled; raises what the iterator raises."""
+        active = self.active
+        batches: dict[DerpServerConn, list[bytes | memoryview]] = {}
+        pairs: set[tuple[bytes, bytes]] = set()
+        count = dropped = 0
+        try:
+            for dst, src, packet in records:
+                count += 1
+                conn = active.get(dst)
+                if conn is None:
+                    dropped += 1
+                    continue
+                header = _RECV_HEADER(F.RECV_PACKET, 32 + len(packet))
+                parts = batches.get(conn)
+                if parts is None:
+                    batches[conn] = [header, src, packet]
+                else:
+                    parts += (header, src, packet)
+                pairs.add((src, dst))
+        finally:
+            self.stats.packets_forwarded_in += count
+            if dropped:
+                self.stats.drop("unknown_dest_on_fwd", dropped)
+            for conn, parts in batches.items():
+                conn.deliver_parts(parts)
+            for src, dst in pairs:
+                self.note_delivery(src, dst)
+        return count
 
     def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> None:
         """A packet another worker or node sent us for a key it believes is here.

@@ -1,0 +1,596 @@
+"""Admission: whether a client may use this relay, decided after its ClientInfo box opens and before
+ServerInfo is sent (the `Relay.admission` hook that `DerpServerConn` calls).
+
+Checks, in this order, every configured one having to pass (the first refusal decides):
+1. allow-keys file: a static list of `nodekey:<hex>` lines, reloaded when it changes or on SIGHUP;
+2. tailscaled's LocalAPI (derper's --verify-clients): `GET /localapi/v0/whois?addr=nodekey:<hex>` over
+   its unix socket; 200 admits, 404 refuses, anything else refuses (fail closed);
+3. an admission URL (derper's --verify-client-url, served by headscale at /verify): POST
+   `{"NodePublic": "nodekey:<hex>", "Source": "<ip>"}`, admit on 200 with `{"Allow": true}`; when the
+   URL is unreachable, times out or answers 5xx, `fail_open` decides.
+
+The two remote checks are cached per node key (positive and negative TTLs), concurrent handshakes of
+one key share one lookup, lookups have a timeout and a concurrency cap, and all of it runs as tasks on
+the worker's loop: a slow or dead verifier delays only the handshakes that wait for it, never the relay
+path or other clients' handshakes.
+
+This module takes plain parameters and imports nothing from `cluster` (relay_worker must not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+if TYPE_CHECKING:
+    from .conn import DerpServerConn
+    from .relay import Relay
+
+log = logging.getLogger("relay_worker.admission")
+
+DEFAULT_TAILSCALED_SOCKET = "/var/run/tailscale/tailscaled.sock"
+#: tailscaled's LocalAPI refuses any other Host (ipn/localapi validHost); Tailscale's own client sends it.
+LOCALAPI_HOST = "local-tailscaled.sock"
+#: Tailscale's LocalAPI client sends its capability version in Tailscale-Cap. tailscaled does not gate
+#: whois on it; we send the value tailscaled 1.82 announces so logs on that side look ordinary.
+LOCALAPI_CAPABILITY = "115"
+#: derper reads at most 4 KiB of the admission controller's answer; a little more room costs nothing.
+MAX_RESPONSE_BODY = 64 * 1024
+MAX_RESPONSE_HEAD = 16 * 1024
+
+Callback = Callable[[bool, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str  # human-readable, goes to the log and the refusal
+    label: str  # short counter label: "ok", "fail_open", or the refusal reason
+    ttl: float  # how long the decision may be cached
+
+
+class VerifierError(Exception):
+    """A verifier could not give an answer (unreachable, timed out, malformed reply)."""
+
+
+# -- a minimal HTTP/1.1 client ---------------------------------------------------------------------
+#
+# Why hand-written: the two requests we make are one GET over a unix socket and one small JSON POST,
+# each on a fresh connection with `Connection: close`. The project has no HTTP client dependency
+# (httpx would be the only new one, for ~80 lines of code); asyncio streams give the timeout and
+# cancellation semantics we need and TLS for https:// verify URLs.
+
+
+async def http_request(
+    method: str,
+    target: str,
+    *,
+    host_header: str,
+    unix_path: str | None = None,
+    host: str = "",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    want_body: Callable[[int], bool] | bool = True,
+) -> tuple[int, bytes]:
+    """One request on a new connection; returns (status, body). Raises OSError or VerifierError.
+
+    want_body may be a predicate on the status: the body of an answer we only need the status of is
+    never read (tailscaled's whois document can be large and we do not use it).
+    """
+    if unix_path is not None:
+        reader, writer = await asyncio.open_unix_connection(unix_path, limit=MAX_RESPONSE_HEAD)
+    else:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl_context, server_hostname=host if ssl_context else None, limit=MAX_RESPONSE_HEAD)
+    try:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}", "Connection: close",
+                 "User-Agent: derp-cluster-admission"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        if body or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(body)}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        while True:
+            status, response_headers = await _read_head(reader)
+            if not 100 <= status < 200:
+                break  # skip interim answers such as 100 Continue
+        if not (want_body(status) if callable(want_body) else want_body):
+            return status, b""
+        return status, await _read_body(reader, response_headers)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        raise VerifierError("connection closed before an HTTP answer") from exc
+    except asyncio.LimitOverrunError as exc:
+        raise VerifierError("HTTP answer head too large") from exc
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise VerifierError(f"not an HTTP answer: {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    try:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            out = bytearray()
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    return bytes(out)
+                if len(out) + size > MAX_RESPONSE_BODY:
+                    raise VerifierError("HTTP answer body too large")
+                out += await reader.readexactly(size)
+                await reader.readexactly(2)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > MAX_RESPONSE_BODY:
+                raise VerifierError(f"bad or too large Content-Length {length[:20]!r}")
+            return await reader.readexactly(int(length))
+        data = await reader.read(MAX_RESPONSE_BODY + 1)  # Connection: close: the body ends at EOF
+        while data and len(data) <= MAX_RESPONSE_BODY:
+            more = await reader.read(MAX_RESPONSE_BODY + 1 - len(data))
+            if not more:
+                break
+            data += more
+        if len(data) > MAX_RESPONSE_BODY:
+            raise VerifierError("HTTP answer body too large")
+        return data
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        raise VerifierError(f"malformed HTTP answer body: {exc}") from exc
+
+
+# -- the policy ------------------------------------------------------------------------------------
+
+
+def nodekey_text(key: bytes) -> str:
+    return "nodekey:" + key.hex()
+
+
+def source_ip(peer: Any) -> str:
+    """The client's IP as derper reports it in DERPAdmitClientRequest.Source (v4-mapped unwrapped)."""
+    if not isinstance(peer, tuple) or not peer:
+        return ""
+    try:
+        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return ""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class AdmissionPolicy:
+    """The `relay.admission(conn, callback)` hook. Build with plain values; see `install`."""
+
+    def __init__(
+        self,
+        *,
+        verify_clients: bool = False,
+        tailscaled_socket: str = DEFAULT_TAILSCALED_SOCKET,
+        verify_client_url: str = "",
+        fail_open: bool = True,
+        allow_keys_file: str = "",
+        cache_ttl: float = 30.0,
+        negative_ttl: float | None = None,
+        error_ttl: float | None = None,
+        timeout: float = 5.0,
+        max_lookups: int = 32,
+        max_cache_entries: int = 65536,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.verify_clients = verify_clients
+        self.tailscaled_socket = tailscaled_socket or DEFAULT_TAILSCALED_SOCKET
+        self.verify_client_url = verify_client_url
+        self.fail_open = fail_open
+        self.allow_keys_file = allow_keys_file
+        self.cache_ttl = max(0.0, cache_ttl)
+        # A refused key is re-asked sooner than an admitted one is re-checked: a node that just
+        # joined the tailnet may reach us before tailscaled/headscale knows it, and it should not be
+        # locked out for a whole positive TTL. The cost is one lookup per key per negative_ttl.
+        self.negative_ttl = min(self.cache_ttl, 5.0) if negative_ttl is None else max(0.0, negative_ttl)
+        # Answers derived from a verifier error (fail-open admits, fail-closed refusals) are kept only
+        # briefly: long enough to absorb a reconnect storm, short enough to notice recovery.
+        self.error_ttl = min(self.cache_ttl, 2.0) if error_ttl is None else max(0.0, error_ttl)
+        self.timeout = timeout
+        self.max_cache_entries = max_cache_entries
+        self.clock = clock
+        self._url = urlsplit(verify_client_url) if verify_client_url else None
+        if self._url is not None and (self._url.scheme not in ("http", "https") or not self._url.hostname):
+            raise ValueError(f"verify URL {verify_client_url!r}: want http:// or https:// with a host")
+        self._ssl: ssl.SSLContext | None = None
+        if self._url is not None and self._url.scheme == "https":
+            # the system trust store (SSL_CERT_FILE / SSL_CERT_DIR point it at a private CA)
+            self._ssl = ssl_context or ssl.create_default_context()
+        self._cache: dict[bytes, tuple[float, Decision]] = {}
+        self._inflight: dict[bytes, asyncio.Task[Decision]] = {}
+        self._tasks: set[asyncio.Task[Decision]] = set()
+        self._slots = asyncio.Semaphore(max_lookups)
+        self._allowed: frozenset[bytes] = frozenset()
+        self._allow_sig: tuple[int, int, int] | None = None
+        self._allow_checked = -1e9
+        self._last_log: dict[str, float] = {}
+        self.counters: dict[str, int] = {
+            "admitted": 0, "refused": 0, "cache_hits": 0, "cache_misses": 0, "lookups": 0,
+            "lookups_shared": 0, "fail_open_admits": 0, "allow_keys_reloads": 0,
+        }
+        self.refused_by_reason: dict[str, int] = {}
+        self.verifier_errors: dict[str, int] = {"localapi": 0, "url": 0}
+        if allow_keys_file:
+            self._load_allow_file()
+
+    @property
+    def remote(self) -> bool:
+        return self.verify_clients or self._url is not None
+
+    # -- the hook -----------------------------------------------------------------------------------
+
+    def __call__(self, conn: DerpServerConn, callback: Callback) -> None:
+        """Decide on conn; callback(allowed, reason) now (local or cached answer) or from a task later."""
+        self.check(conn.key, source_ip(conn.peer), callback)
+
+    def check(self, key: bytes, source: str, callback: Callback) -> None:
+        now = self.clock()
+        if self.allow_keys_file:
+            self._maybe_reload(now)
+            if key not in self._allowed:
+                why = f"{nodekey_text(key)} is not in allow-keys file {self.allow_keys_file}"
+                self._count(False, "not_in_allow_keys_file")
+                callback(False, why)
+                return
+        if not self.remote:
+            self._count(True, "ok")
+            callback(True, "")
+            return
+        cached = self._cache.get(key)
+        if cached is not None:
+            if cached[0] > now:
+                self.counters["cache_hits"] += 1
+                decision = cached[1]
+                self._count(decision.allowed, decision.label)
+                callback(decision.allowed, decision.reason)
+                return
+            del self._cache[key]
+        self.counters["cache_misses"] += 1
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(key, source))
+            self._inflight[key] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self.counters["lookups_shared"] += 1
+
+        def deliver(done: asyncio.Task[Decision]) -> None:
+            if done.cancelled():
+                decision = Decision(False, "admission lookup cancelled (shutting down)", "cancelled", 0.0)
+            else:
+                decision = done.result()
+            self._count(decision.allowed, decision.label)
+            callback(decision.allowed, decision.reason)
+
+        task.add_done_callback(deliver)  # done callbacks run from the loop, after the lookup ends
+
+    async def decide(self, key: bytes, source: str = "") -> Decision:
+        """The decision for key as an awaitable (tools, benchmarks); same path and counters as the hook."""
+        future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+
+        def done(allowed: bool, reason: str) -> None:
+            if not future.done():
+                future.set_result((allowed, reason))
+
+        self.check(key, source, done)
+        allowed, reason = await future
+        return Decision(allowed, reason, "ok" if allowed else "refused", 0.0)
+
+    # -- remote lookups -----------------------------------------------------------------------------
+
+    async def _lookup(self, key: bytes, source: str) -> Decision:
+        try:
+            decision = await self._lookup_uncached(key, source)
+        except Exception as exc:  # a bug here must refuse one client, not leave it hanging
+            log.exception("admission lookup for %s failed", nodekey_text(key))
+            decision = Decision(False, f"admission lookup failed: {exc}", "internal_error", 0.0)
+        finally:
+            self._inflight.pop(key, None)
+        if decision.ttl > 0:
+            self._store(key, decision)
+        return decision
+
+    async def _lookup_uncached(self, key: bytes, source: str) -> Decision:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            # Our own queue, not the verifier, was slow: never let that count as "verifier
+            # unreachable", or a flood of fresh keys could force fail-open admits.
+            return Decision(False, f"too many admission lookups in flight for {self.timeout:g}s", "overloaded", 0.0)
+        try:
+            self.counters["lookups"] += 1
+            ttl = self.cache_ttl
+            if self.verify_clients:
+                decision = await self._check_localapi(key)
+                if not decision.allowed:
+                    return decision
+                ttl = min(ttl, decision.ttl)
+            if self._url is not None:
+                decision = await self._check_url(key, source)
+                if not decision.allowed:
+                    return decision
+                return Decision(True, decision.reason, decision.label, min(ttl, decision.ttl))
+            return Decision(True, "", "ok", ttl)
+        finally:
+            self._slots.release()
+
+    async def _check_localapi(self, key: bytes) -> Decision:
+        path = self.tailscaled_socket
+        target = "/localapi/v0/whois?addr=" + quote(nodekey_text(key), safe="")
+        problem = ""
+        try:
+            async with asyncio.timeout(self.timeout):
+                status, body = await http_request(
+                    "GET", target, host_header=LOCALAPI_HOST, unix_path=path,
+                    headers={"Tailscale-Cap": LOCALAPI_CAPABILITY}, want_body=lambda code: code != 200)
+        except FileNotFoundError:
+            problem = f"tailscaled LocalAPI socket {path} missing"
+        except ConnectionRefusedError:
+            problem = f"tailscaled LocalAPI socket {path} refuses connections (is tailscaled running?)"
+        except PermissionError:
+            problem = f"no permission to open tailscaled LocalAPI socket {path}"
+        except TimeoutError:
+            problem = f"tailscaled LocalAPI at {path} did not answer within {self.timeout:g}s"
+        except (OSError, VerifierError) as exc:
+            problem = f"tailscaled LocalAPI at {path} failed: {exc}"
+        else:
+            if status == 200:
+                return Decision(True, "", "ok", self.cache_ttl)
+            if status == 404:
+                return Decision(False, f"{nodekey_text(key)} not found in local tailscaled "
+                                "(not a node of this tailnet)", "not_in_tailnet", self.negative_ttl)
+            text = body[:200].decode("utf-8", "replace").strip()
+            if status == 400 and "invalid 'addr'" in text:
+                problem = "tailscaled is too old to look up node keys (whois?addr=nodekey:… needs 1.70+)"
+            elif status == 403:
+                problem = f"tailscaled LocalAPI at {path} denied whois (403 {text!r})"
+            else:
+                problem = f"tailscaled LocalAPI at {path} answered {status} {text!r}"
+        self.verifier_errors["localapi"] += 1
+        self._log_problem("localapi", f"{problem}: refusing %s", key)
+        return Decision(False, problem, "localapi_error", self.error_ttl)
+
+    async def _check_url(self, key: bytes, source: str) -> Decision:
+        url = self._url
+        assert url is not None
+        host = url.hostname or ""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        host_header = url.netloc.rpartition("@")[2]
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        payload = json.dumps({"NodePublic": nodekey_text(key), "Source": source}).encode()
+        problem = ""
+        status = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                status, body = await http_request(
+                    "POST", target, host_header=host_header, host=host, port=port, ssl_context=self._ssl,
+                    headers={"Content-Type": "application/json", "Accept": "application/json"}, body=payload)
+        except TimeoutError:
+            problem = f"verify URL {self.verify_client_url} did not answer within {self.timeout:g}s"
+        except (OSError, VerifierError) as exc:
+            problem = f"verify URL {self.verify_client_url} unreachable: {exc.strerror or exc}" if isinstance(
+                exc, OSError) else f"verify URL {self.verify_client_url} failed: {exc}"
+        else:
+            if status >= 500:
+                problem = f"verify URL {self.verify_client_url} answered {status}"
+            elif status != 200:
+                # A 4xx is the controller (or a proxy in front of it) refusing our request, usually a
+                # wrong path or auth; that is a configuration error, not an outage: refuse, loudly.
+                self.verifier_errors["url"] += 1
+                why = f"verify URL {self.verify_client_url} answered {status}"
+                self._log_problem("url4xx", f"{why}: refusing %s", key)
+                return Decision(False, why, "url_error", self.error_ttl)
+            else:
+                try:
+                    doc = json.loads(body)
+                except ValueError:
+                    doc = None
+                if not isinstance(doc, dict):
+                    self.verifier_errors["url"] += 1
+                    why = f"verify URL {self.verify_client_url} answered 200 without a JSON object"
+                    self._log_problem("urljson", f"{why}: refusing %s", key)
+                    return Decision(False, why, "url_error", self.error_ttl)
+                if doc.get("Allow") is True:
+                    return Decision(True, "", "ok", self.cache_ttl)
+                return Decision(False, f"verify URL refused {nodekey_text(key)} from {source or '?'}",
+                                "url_denied", self.negative_ttl)
+        # Unreachable, timed out or 5xx: the controller could not decide; fail_open does.
+        self.verifier_errors["url"] += 1
+        if self.fail_open:
+            self.counters["fail_open_admits"] += 1
+            self._log_problem("url", f"{problem}: admitting %s (fail-open)", key)
+            return Decision(True, f"{problem} (fail-open)", "fail_open", self.error_ttl)
+        self._log_problem("url", f"{problem}: refusing %s (fail-closed)", key)
+        return Decision(False, problem, "url_unreachable", self.error_ttl)
+
+    # -- cache, counters, logs ----------------------------------------------------------------------
+
+    def _store(self, key: bytes, decision: Decision) -> None:
+        cache = self._cache
+        if len(cache) >= self.max_cache_entries:
+            now = self.clock()
+            for stale in [k for k, (expires, _) in cache.items() if expires <= now]:
+                del cache[stale]
+            # Still full (e.g. a flood of fresh keys): forget the oldest insertions.
+            while len(cache) >= self.max_cache_entries:
+                del cache[next(iter(cache))]
+        cache[key] = (self.clock() + decision.ttl, decision)
+
+    def forget(self, key: bytes | None = None) -> None:
+        """Drop one cached decision, or all of them."""
+        if key is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key, None)
+
+    def _count(self, allowed: bool, label: str) -> None:
+        """One handshake's outcome. (Each refusal is also logged, with key and reason, by the
+        connection when it closes; verifier problems are logged here, rate-limited.)"""
+        if allowed:
+            self.counters["admitted"] += 1
+        else:
+            self.counters["refused"] += 1
+            self.refused_by_reason[label] = self.refused_by_reason.get(label, 0) + 1
+
+    def _log_problem(self, kind: str, template: str, key: bytes) -> None:
+        # A dead verifier fails every handshake; one line per kind per second names a key and the
+        # reason without flooding the log (the counters keep the full tally).
+        now = self.clock()
+        if now - self._last_log.get(kind, -1e9) >= 1.0:
+            self._last_log[kind] = now
+            log.warning(template, nodekey_text(key))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "refused_by_reason": dict(self.refused_by_reason),
+            "verifier_errors": dict(self.verifier_errors),
+            "lookups_in_flight": len(self._inflight),
+            "cache_entries": len(self._cache),
+            "allow_keys": len(self._allowed) if self.allow_keys_file else None,
+            "checks": [name for name, on in (("allow_keys_file", bool(self.allow_keys_file)),
+                                             ("tailscaled", self.verify_clients),
+                                             ("verify_url", self._url is not None)) if on],
+        }
+
+    # -- allow-keys file ----------------------------------------------------------------------------
+
+    def _maybe_reload(self, now: float) -> None:
+        if now - self._allow_checked < 1.0:
+            return  # at most one stat() a second, however many handshakes arrive
+        self._allow_checked = now
+        if self._file_signature() != self._allow_sig:
+            self._load_allow_file()
+
+    def _file_signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.allow_keys_file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the allow-keys file and forget every cached decision, so a node just
+        removed from the tailnet (or the file) is re-checked on its next handshake."""
+        self.forget()
+        if self.allow_keys_file:
+            self._load_allow_file()
+        log.info("admission reloaded: decision cache cleared")
+
+    def _load_allow_file(self) -> None:
+        """Read the allow-keys file. A missing or unreadable file admits nobody (fail closed)."""
+        self._allow_checked = self.clock()
+        signature = self._file_signature()
+        try:
+            with open(self.allow_keys_file, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            log.warning("allow-keys file %s unreadable (%s): refusing every client until it is back",
+                            self.allow_keys_file, exc.strerror or exc)
+            self._allowed = frozenset()
+            self._allow_sig = None
+            self.counters["allow_keys_reloads"] += 1
+            return
+        keys, bad = parse_allow_keys(text)
+        for lineno, line in bad[:5]:
+            log.warning("allow-keys file %s line %d ignored: %r is not nodekey:<64 hex>",
+                        self.allow_keys_file, lineno, line[:80])
+        if len(bad) > 5:
+            log.warning("allow-keys file %s: %d more bad lines ignored", self.allow_keys_file, len(bad) - 5)
+        self._allowed = frozenset(keys)
+        self._allow_sig = signature
+        self.counters["allow_keys_reloads"] += 1
+        log.info("allow-keys file %s: %d keys", self.allow_keys_file, len(self._allowed))
+
+    async def aclose(self) -> None:
+        """Cancel lookups in flight (worker shutdown); their handshakes are refused."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def parse_allow_keys(text: str) -> tuple[set[bytes], list[tuple[int, str]]]:
+    """`nodekey:<hex>` per line; `#` starts a comment; blank lines are fine. Returns (keys, bad lines)."""
+    keys: set[bytes] = set()
+    bad: list[tuple[int, str]] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        hexpart = line[len("nodekey:"):] if line.lower().startswith("nodekey:") else ""
+        try:
+            key = bytes.fromhex(hexpart)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            bad.append((lineno, raw.strip()))
+            continue
+        keys.add(key)
+    return keys, bad
+
+
+def install(
+    relay: Relay,
+    *,
+    verify_clients: bool,
+    tailscaled_socket: str,
+    verify_client_url: str,
+    fail_open: bool,
+    allow_keys_file: str,
+    cache_ttl: float,
+    timeout: float,
+) -> AdmissionPolicy | None:
+    """Build the policy from the admission settings and hook it into relay; None when nothing is on."""
+    if not (verify_clients or verify_client_url or allow_keys_file):
+        return None
+    policy = AdmissionPolicy(
+        verify_clients=verify_clients,
+        tailscaled_socket=tailscaled_socket,
+        verify_client_url=verify_client_url,
+        fail_open=fail_open,
+        allow_keys_file=allow_keys_file,
+        cache_ttl=cache_ttl,
+        timeout=timeout,
+    )
+    relay.admission = policy
+    checks = ", ".join(policy.stats()["checks"])
+    log.info("admission on (%s); decisions cached %gs (refusals %gs, verifier errors %gs), lookup timeout %gs%s",
+             checks, policy.cache_ttl, policy.negative_ttl, policy.error_ttl, timeout,
+             "" if not verify_client_url else f", verify URL fail-{'open' if fail_open else 'closed'}")
+    return policy

@@ -1,0 +1,181 @@
+"""Rate limits of a worker: a pure token bucket, the per-worker accept gate, and the per-client read
+limit that holds a client to the TokenBucketBytesPerSecond/Burst its ServerInfo announced.
+
+Nothing here drops packets. A client over its byte budget simply stops being read until the budget
+refills, so TCP flow control pushes back on its sender (derper waits on its limiter in the read loop
+the same way). An accept over the per-worker rate is aborted before any HTTP is parsed, which is the
+cheapest refusal there is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # conn.py calls into this module, so importing it at runtime would be circular
+    from .conn import DerpServerConn
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` banked. Pure: callers pass `now` (monotonic seconds).
+
+    Two ways to spend: `take` refuses when the tokens are not there (admission-style limits), while
+    `debit` always spends and may go into debt, returning how long until the debt is paid back. The
+    read limit needs the second form because by the time a socket read is counted it has happened.
+    """
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float = 0.0, *, tokens: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("token bucket rate must be > 0")
+        if burst <= 0:
+            raise ValueError("token bucket burst must be > 0")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = self.burst if tokens is None else float(tokens)
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+        # A clock that steps backwards (it should not: callers use monotonic time) earns nothing.
+
+    def take(self, n: float, now: float) -> bool:
+        """Spend n tokens if they are all there; otherwise spend nothing and return False."""
+        self._refill(now)
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+    def debit(self, n: float, now: float) -> float:
+        """Spend n tokens even into debt; return the seconds until the balance is back to zero."""
+        self._refill(now)
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def delay_for(self, n: float, now: float) -> float:
+        """Seconds until n tokens will be available (0 if they are now). Spends nothing."""
+        self._refill(now)
+        missing = n - self.tokens
+        return 0.0 if missing <= 0 else missing / self.rate
+
+
+class AcceptLimiter:
+    """Per-worker accept rate, usable as `protocol_class_for(relay, accept_gate=...)`.
+
+    Mirrors derper's --accept-connection-limit / --accept-connection-burst (a token bucket on new
+    connections). The gate is called with the peer address of every new connection on every socket
+    the worker serves; connections without an IP peer come from the worker's admin unix socket (the
+    supervisor and `cluster status`) and are never limited, so a flood cannot blind the operator.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int = 0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("accept rate must be > 0 (leave the limiter out for unlimited)")
+        # derper's burst defaults to "unlimited"; our config's 0 means "unset". A bucket with no room
+        # would refuse everything, so an unset burst becomes one second's worth (at least 1).
+        self.burst = int(burst) if burst > 0 else max(1, math.ceil(rate_per_s))
+        self.rate = float(rate_per_s)
+        self.clock = clock
+        self.bucket = TokenBucket(self.rate, self.burst, clock())
+        self.accepted = 0
+        self.refused = 0
+
+    @classmethod
+    def from_settings(cls, limit: float, burst: int) -> AcceptLimiter | None:
+        """The limiter for `limits.accept_connection_limit/burst`, or None when the limit is off."""
+        if not limit or limit <= 0 or math.isinf(limit):
+            return None
+        return cls(limit, burst)
+
+    def __call__(self, peername: Any) -> bool:
+        if not isinstance(peername, tuple) or not peername:
+            return True  # unix-socket admin connection
+        if self.bucket.take(1, self.clock()):
+            self.accepted += 1
+            return True
+        self.refused += 1
+        return False
+
+    def stats(self) -> dict[str, float]:
+        return {"rate": self.rate, "burst": self.burst, "accepted": self.accepted, "refused": self.refused}
+
+
+# -- per-client read limit ----------------------------------------------------------------------------
+
+
+class _ReadLimit:
+    __slots__ = ("bucket", "resume")
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self.bucket = bucket
+        self.resume: asyncio.TimerHandle | None = None
+
+
+#: limit state of each connection that has been counted. DerpServerConn uses __slots__ without
+#: __weakref__, so the state lives here and is pruned once its connection is no longer registered.
+_limits: dict[DerpServerConn, _ReadLimit] = {}
+_last_prune = 0.0
+PRUNE_INTERVAL = 5.0
+
+#: process-wide counters for /debug/varz (a worker is one process with one Relay)
+read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0}
+
+
+def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
+    """Count nbytes just read from conn against its byte budget; pause reading while in debt.
+
+    Call at the end of `DerpServerConn.data_received`. Counted are the bytes read off the socket
+    (frame headers included), which is what Tailscale's client counts against the same
+    TokenBucketBytesPerSecond/Burst on its side. Connections that are not yet admitted, mesh peers
+    and probers are not limited, and with `relay.token_bucket_rate == 0` this returns at once.
+    """
+    relay = conn.relay
+    rate = relay.token_bucket_rate
+    if rate <= 0 or conn.is_mesh or conn.is_prober or not conn.registered:
+        return
+    transport = conn.transport
+    if transport is None:
+        return
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    entry = _limits.get(conn)
+    if entry is None:
+        if now - _last_prune > PRUNE_INTERVAL:
+            _prune(now)
+        entry = _limits[conn] = _ReadLimit(TokenBucket(rate, relay.token_bucket_burst or rate, now))
+    wait = entry.bucket.debit(nbytes, now)
+    if wait > 0 and entry.resume is None:
+        transport.pause_reading()
+        read_limit_counters["pauses"] += 1
+        read_limit_counters["paused_seconds"] += wait
+        entry.resume = loop.call_later(wait, _resume, conn, entry)
+
+
+def _resume(conn: DerpServerConn, entry: _ReadLimit) -> None:
+    entry.resume = None
+    transport = conn.transport
+    if transport is None or not conn.registered:
+        _limits.pop(conn, None)
+        return
+    transport.resume_reading()
+
+
+def _prune(now: float) -> None:
+    global _last_prune
+    _last_prune = now
+    for conn in [c for c in _limits if not c.registered]:
+        entry = _limits.pop(conn)
+        if entry.resume is not None:
+            entry.resume.cancel()
+
+
+def read_limit_stats() -> dict[str, float]:
+    return {**read_limit_counters, "limited_connections": len(_limits)}
