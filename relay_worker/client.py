@@ -91,7 +91,7 @@ def decode_event(frame_type: int, payload: bytes) -> Event:
         return Health(F.parse_health(payload))
     if frame_type == F.RESTARTING:
         return Restarting(*F.parse_restarting(payload))
-    return UnknownFrame(frame_type, payload)
+    return UnknownFrame(frame_type, bytes(payload))
 
 
 class _StreamIO:
@@ -151,7 +151,7 @@ class DerpClient:
         self.private_key = private_key
         self.public_key = private_key.public().raw
         self.parser = F.FrameParser(F.MAX_INFO_LEN)
-        self.frames: list[tuple[int, bytes]] = []
+        self.frames: list[tuple[int, memoryview]] = []
         self.server_public = b""
         self.server_info: ServerInfo | None = None
         self.closed = False
@@ -208,7 +208,7 @@ class DerpClient:
             self.server_info = open_server_info(self.private_key, self.server_public, payload)
             self.parser.max_frame_len = F.MAX_FRAME_LEN
 
-    async def _next_frame(self) -> tuple[int, bytes]:
+    async def _next_frame(self) -> tuple[int, memoryview]:
         while not self.frames:
             data = await self.io.read()
             if not data:

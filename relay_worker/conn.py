@@ -92,7 +92,7 @@ class DerpServerConn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.peer_gone_tokens = DISCO_PEER_GONE_BURST
         self.peer_gone_stamp = 0.0
-        self._pending_frames: list[tuple[int, bytes]] | None = None
+        self._pending_frames: list[tuple[int, memoryview]] | None = None
 
     # -- asyncio Protocol ---------------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ class DerpServerConn(asyncio.Protocol):
 
     # -- handshake ----------------------------------------------------------------------------------
 
-    def _handle_handshake_frames(self, frames: list[tuple[int, bytes]]) -> None:
+    def _handle_handshake_frames(self, frames: list[tuple[int, memoryview]]) -> None:
         for index, (frame_type, payload) in enumerate(frames):
             if self.state == ACTIVE:
                 self._handle_frames(frames[index:])
@@ -230,7 +230,7 @@ class DerpServerConn(asyncio.Protocol):
 
     # -- steady state -------------------------------------------------------------------------------
 
-    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
+    def _handle_frames(self, frames: list[tuple[int, memoryview]]) -> None:
         relay = self.relay
         clients = relay.clients
         key = self.key
@@ -249,14 +249,14 @@ class DerpServerConn(asyncio.Protocol):
                     received_bytes += size - 32
                     if self.has_dup:
                         relay.note_send_from_dup(self)
-                    dst = payload[:32]
+                    dst = bytes(payload[:32])
                     target = clients.get(dst)
                     if target is not None:
                         parts = batches.get(target)
                         if parts is None:
-                            batches[target] = [_recv_header(F.RECV_PACKET, size), key, memoryview(payload)[32:]]
+                            batches[target] = [_recv_header(F.RECV_PACKET, size), key, payload[32:]]
                         else:
-                            parts += (_recv_header(F.RECV_PACKET, size), key, memoryview(payload)[32:])
+                            parts += (_recv_header(F.RECV_PACKET, size), key, payload[32:])
                         continue
                     forwarder = relay.forwarder
                     if forwarder is not None and forwarder.forward(dst, key, payload[32:]):

@@ -309,21 +309,25 @@ class FrameParser:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Append `data` and return every frame now complete, in order."""
+    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
+        """Append `data` and return every frame now complete, in order.
+
+        Payloads are zero-copy views into immutable bytes: valid as long as the caller holds them,
+        never changed underneath. A frame cut by a read boundary costs one copy of that read.
+        """
         buf = self._buf
         if buf:
             buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data
-        frames: list[tuple[int, bytes]] = []
+            data = bytes(buf)
+            buf.clear()
+        view = memoryview(data)
+        frames: list[tuple[int, memoryview]] = []
         pos = 0
-        end = len(view)
+        end = len(data)
         limit = self.max_frame_len
         unpack = _HEADER.unpack_from
         while end - pos >= HEADER_LEN:
-            frame_type, length = unpack(view, pos)
+            frame_type, length = unpack(data, pos)
             if length > limit:
                 raise ProtocolError(
                     f"{FRAME_NAMES.get(frame_type, hex(frame_type))} frame length {length} exceeds {limit}"
@@ -331,10 +335,8 @@ class FrameParser:
             stop = pos + HEADER_LEN + length
             if stop > end:
                 break
-            frames.append((frame_type, bytes(view[pos + HEADER_LEN : stop])))
+            frames.append((frame_type, view[pos + HEADER_LEN : stop]))
             pos = stop
-        if buf:
-            del buf[:pos]
-        elif pos < end:
-            buf += memoryview(data)[pos:]
+        if pos < end:
+            buf += view[pos:]
         return frames

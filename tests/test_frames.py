@@ -27,7 +27,8 @@ OTHER = bytes(range(32, 64))
 def parse_one(frame: bytes) -> tuple[int, bytes]:
     frames = F.FrameParser(F.MAX_FRAME_LEN).feed(frame)
     assert len(frames) == 1
-    return frames[0]
+    frame_type, payload = frames[0]
+    return frame_type, bytes(payload)
 
 
 def test_every_frame_type_round_trips() -> None:
