@@ -208,6 +208,8 @@ class Supervisor:
     def _run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        # SIGHUP reloads what workers can reload (the allow-keys file, admission cache)
+        signal.signal(signal.SIGHUP, lambda sig, frame: self.stop_workers(signal.SIGHUP))
         for slot in self.slots:
             self.start_worker(slot)
         if not self.wait_ready():

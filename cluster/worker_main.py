@@ -8,10 +8,12 @@ serves its admin unix socket in the run dir, and wires in what lives outside rel
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from mesh.curve import derive_curve_keys, read_secret_file, start_authenticator
 from mesh.directory import Owner
 from mesh.worker_mesh import WorkerMesh
 from relay_worker import loop
+from relay_worker.admission import install as install_admission
 from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
+from relay_worker.ratelimit import AcceptLimiter, read_limit_stats
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
 from stun.server import start_stun_server
@@ -54,6 +58,21 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         token_bucket_burst=config.limits_bytes_burst or config.limits_bytes_per_second,
         max_clients=config.limits_max_clients,
     )
+    admission = install_admission(
+        relay,
+        verify_clients=config.admission_verify_clients,
+        tailscaled_socket=config.admission_tailscaled_socket,
+        verify_client_url=config.admission_verify_client_url,
+        fail_open=config.admission_verify_client_url_fail_open,
+        allow_keys_file=config.admission_allow_keys_file,
+        cache_ttl=config.admission_cache_ttl,
+        timeout=config.admission_timeout,
+    )
+    # SIGHUP (forwarded by the supervisor) reloads the allow-keys file; never let it kill a worker
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, admission.reload if admission is not None else (lambda: None))
+    accept_gate = AcceptLimiter.from_settings(config.limits_accept_connection_limit,
+                                              config.limits_accept_connection_burst)
     host, port = config.listen_addr
     sockets = [make_listen_socket(host, port), make_unix_socket(str(run_dir / f"worker-{index}.sock"))]
     mesh = build_mesh(config, relay, index, incarnation)
@@ -73,6 +92,9 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         doc: dict[str, Any] = {"index": index, "pid": os.getpid(), "incarnation": incarnation, **mesh.stats()}
         if stun_server is not None:
             doc["stun"] = stun_server.stats()
+        doc["admission"] = admission.stats() if admission is not None else None
+        doc["accept_limit"] = accept_gate.stats() if accept_gate is not None else None
+        doc["read_limit"] = read_limit_stats()
         return doc
 
     async def metrics_text() -> str:
@@ -86,7 +108,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
 
     app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats,
                     metrics_text=metrics_text)
-    server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level), relay)
+    server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level, accept_gate=accept_gate), relay)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
     try:
         await serve(server, sockets)

@@ -20,6 +20,7 @@ from typing import Any
 from . import frames as F
 from .handshake import ClientInfo, ServerInfo, mesh_key_matches
 from .keys import PublicKey
+from .ratelimit import apply_read_limit, cancel_read_limit
 from .relay import Relay
 
 log = logging.getLogger("relay_worker.conn")
@@ -57,6 +58,7 @@ class DerpServerConn(asyncio.Protocol):
         "preamble",
         "preferred",
         "queue",
+        "read_limit",
         "registered",
         "relay",
         "state",
@@ -91,6 +93,7 @@ class DerpServerConn(asyncio.Protocol):
         self.disco_queue: deque[bytes] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.peer_gone_tokens = DISCO_PEER_GONE_BURST
+        self.read_limit: Any = None  # the client's relayed-bytes token bucket (ratelimit.py)
         self.peer_gone_stamp = 0.0
         self._pending_frames: list[tuple[int, memoryview]] | None = None
 
@@ -117,6 +120,8 @@ class DerpServerConn(asyncio.Protocol):
             self._handle_frames(frames)
         else:
             self._handle_handshake_frames(frames)
+        if self.relay.token_bucket_rate:
+            apply_read_limit(self, len(data))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -127,6 +132,8 @@ class DerpServerConn(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.queue = self.disco_queue = None
+        if self.read_limit is not None:
+            cancel_read_limit(self)
         self.relay.connection_closed(self)
         self.transport = None
 

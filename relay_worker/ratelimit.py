@@ -119,14 +119,9 @@ class _ReadLimit:
         self.resume: asyncio.TimerHandle | None = None
 
 
-#: limit state of each connection that has been counted. DerpServerConn uses __slots__ without
-#: __weakref__, so the state lives here and is pruned once its connection is no longer registered.
-_limits: dict[DerpServerConn, _ReadLimit] = {}
-_last_prune = 0.0
-PRUNE_INTERVAL = 5.0
 
 #: process-wide counters for /debug/varz (a worker is one process with one Relay)
-read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0}
+read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0, "limited_connections": 0}
 
 
 def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
@@ -136,6 +131,7 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
     (frame headers included), which is what Tailscale's client counts against the same
     TokenBucketBytesPerSecond/Burst on its side. Connections that are not yet admitted, mesh peers
     and probers are not limited, and with `relay.token_bucket_rate == 0` this returns at once.
+    The bucket lives on the connection, so it goes when the connection goes.
     """
     relay = conn.relay
     rate = relay.token_bucket_rate
@@ -146,11 +142,10 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
         return
     loop = asyncio.get_running_loop()
     now = loop.time()
-    entry = _limits.get(conn)
+    entry = conn.read_limit
     if entry is None:
-        if now - _last_prune > PRUNE_INTERVAL:
-            _prune(now)
-        entry = _limits[conn] = _ReadLimit(TokenBucket(rate, relay.token_bucket_burst or rate, now))
+        entry = conn.read_limit = _ReadLimit(TokenBucket(rate, relay.token_bucket_burst or rate, now))
+        read_limit_counters["limited_connections"] += 1
     wait = entry.bucket.debit(nbytes, now)
     if wait > 0 and entry.resume is None:
         transport.pause_reading()
@@ -162,20 +157,19 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
 def _resume(conn: DerpServerConn, entry: _ReadLimit) -> None:
     entry.resume = None
     transport = conn.transport
-    if transport is None or not conn.registered:
-        _limits.pop(conn, None)
-        return
-    transport.resume_reading()
+    if transport is not None and conn.registered:
+        transport.resume_reading()
 
 
-def _prune(now: float) -> None:
-    global _last_prune
-    _last_prune = now
-    for conn in [c for c in _limits if not c.registered]:
-        entry = _limits.pop(conn)
+def cancel_read_limit(conn: DerpServerConn) -> None:
+    """The connection closed: drop its bucket and any pending resume."""
+    entry = conn.read_limit
+    if entry is not None:
+        conn.read_limit = None
+        read_limit_counters["limited_connections"] -= 1
         if entry.resume is not None:
             entry.resume.cancel()
 
 
 def read_limit_stats() -> dict[str, float]:
-    return {**read_limit_counters, "limited_connections": len(_limits)}
+    return dict(read_limit_counters)

@@ -23,14 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from relay_worker import frames as F
-from relay_worker import http_protocol
 from relay_worker.admission import AdmissionPolicy, install, parse_allow_keys, source_ip
 from relay_worker.client import DerpClient, DerpClientError, RecvPacket
-from relay_worker.conn import DerpServerConn
 from relay_worker.handshake import ClientInfo, seal_client_info
 from relay_worker.http_app import build_app
 from relay_worker.keys import PrivateKey
-from relay_worker.ratelimit import AcceptLimiter, TokenBucket, apply_read_limit, read_limit_stats
+from relay_worker.ratelimit import AcceptLimiter, TokenBucket, read_limit_stats
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, serve, uvicorn_config
 from tests.support import await_until, free_port
@@ -730,26 +728,6 @@ async def test_accept_burst_beyond_limit_is_refused_quickly_while_others_are_ser
         await client.close()
 
 
-class ReadLimitedConn(DerpServerConn):
-    """DerpServerConn plus the one call data_received gets (docs/ADMISSION.md, 'Wiring').
-
-    Once conn.py makes that call itself this subclass is not used (see `use_read_limit`), so the
-    tests then run the production class unchanged and never count a read twice.
-    """
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.relay.token_bucket_rate:
-            apply_read_limit(self, len(data))
-
-
-def use_read_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "apply_read_limit" not in DerpServerConn.data_received.__code__.co_names:
-        monkeypatch.setattr(http_protocol, "DerpServerConn", ReadLimitedConn)
-
-
 RATE = 1_000_000
 BURST = 200_000
 
@@ -766,9 +744,7 @@ async def _count(receiver: DerpClient, counter: list[int]) -> None:
         counter[0] += len(packet.data)
 
 
-async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    use_read_limit(monkeypatch)
+async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected() -> None:
     relay = new_relay(token_bucket_rate=RATE, token_bucket_burst=BURST)
     async with running_relay(relay) as worker, clients(*(DerpClient.connect(worker.url) for _ in range(4))) as (
             a, b, c, d):
@@ -794,8 +770,7 @@ async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected(
         assert read_limit_stats()["pauses"] > 0
 
 
-async def test_probers_are_exempt_from_the_read_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    use_read_limit(monkeypatch)
+async def test_probers_are_exempt_from_the_read_limit() -> None:
     relay = new_relay(token_bucket_rate=RATE, token_bucket_burst=BURST)
     async with running_relay(relay) as worker, clients(DerpClient.connect(worker.url, is_prober=True),
                                                        DerpClient.connect(worker.url)) as (prober, q):

@@ -3,10 +3,6 @@
 The verifier stand-ins (tailscaled's LocalAPI on a unix socket, an admission URL on 127.0.0.1) run in
 the test's event loop; the cluster's workers talk to them across processes.
 
-Tests marked NEEDS_WIRING exercise what `cluster/worker_main.py` must hook up (the admission policy,
-the accept limiter) and NEEDS_READ_LIMIT the one call in `DerpServerConn.data_received`; both lines are
-in docs/ADMISSION.md. They are xfail(strict=False) until those lines land, then they simply pass.
-
 Also a benchmark (not a test): `python -m tests.test_admission_cluster bench` measures the handshake
 rate of one worker with verification on, cache cold and warm (figures in docs/ADMISSION.md).
 """
@@ -45,12 +41,6 @@ from tests.test_admission import (
 
 pytestmark = pytest.mark.slow
 
-NEEDS_WIRING = pytest.mark.xfail(
-    reason="needs relay_worker.admission.install + AcceptLimiter wired in cluster/worker_main.py "
-           "(docs/ADMISSION.md, 'Wiring')", strict=False)
-NEEDS_READ_LIMIT = pytest.mark.xfail(
-    reason="needs the apply_read_limit call in DerpServerConn.data_received (docs/ADMISSION.md, 'Wiring')",
-    strict=False)
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +73,6 @@ async def wait_log(cluster: ClusterProcess, text: str, timeout: float = 10.0) ->
 # -- tailscaled LocalAPI --------------------------------------------------------------------------------
 
 
-@NEEDS_WIRING
 async def test_verify_clients_admits_tailnet_nodes_and_refuses_strangers(sock_dir: Path) -> None:
     a_key, b_key, stranger = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
     api = await FakeLocalAPI(sock_dir / "tailscaled.sock", {a_key.public().raw, b_key.public().raw}).start()
@@ -107,7 +96,6 @@ async def test_verify_clients_admits_tailnet_nodes_and_refuses_strangers(sock_di
         await api.close()
 
 
-@NEEDS_WIRING
 async def test_verify_clients_socket_missing_refuses_with_clear_log(sock_dir: Path) -> None:
     missing = sock_dir / "tailscaled.sock"
     key = PrivateKey.generate()
@@ -121,7 +109,6 @@ async def test_verify_clients_socket_missing_refuses_with_clear_log(sock_dir: Pa
 # -- verify URL ----------------------------------------------------------------------------------------
 
 
-@NEEDS_WIRING
 async def test_verify_url_allow_deny_and_unreachable_fail_closed() -> None:
     allowed, denied, later = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
     verifier = await FakeVerifyURL(answers={denied.public().raw: (200, b'{"Allow":false}', 0.0)}).start()
@@ -136,7 +123,6 @@ async def test_verify_url_allow_deny_and_unreachable_fail_closed() -> None:
     assert {r.headers["content-type"] for r in verifier.requests} == {"application/json"}
 
 
-@NEEDS_WIRING
 async def test_verify_url_env_form_fail_open() -> None:
     """The docker-compose form: DERP_VERIFY_CLIENT_URL + DERP_VERIFY_CLIENT_URL_FAIL_OPEN."""
     verifier = await FakeVerifyURL(default=(503, b"down", 0.0)).start()
@@ -151,7 +137,6 @@ async def test_verify_url_env_form_fail_open() -> None:
         await verifier.close()
 
 
-@NEEDS_WIRING
 async def test_slow_verifier_does_not_delay_relaying_in_the_worker() -> None:
     a_key, b_key, slow_key = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
     verifier = await FakeVerifyURL(answers={slow_key.public().raw: (200, b'{"Allow":true}', 5.0)}).start()
@@ -180,7 +165,6 @@ async def test_slow_verifier_does_not_delay_relaying_in_the_worker() -> None:
 # -- allow-keys file -----------------------------------------------------------------------------------
 
 
-@NEEDS_WIRING
 async def test_allow_keys_file_reloads_when_it_changes(tmp_path: Path) -> None:
     first, second = PrivateKey.generate(), PrivateKey.generate()
     path = tmp_path / "allowed-keys"
@@ -201,7 +185,6 @@ async def test_allow_keys_file_reloads_when_it_changes(tmp_path: Path) -> None:
                 await asyncio.sleep(0.2)
 
 
-@NEEDS_WIRING
 async def test_sighup_reloads_the_allow_keys_file_and_keeps_the_worker(tmp_path: Path) -> None:
     path = tmp_path / "allowed-keys"
     path.write_text(f"nodekey:{PrivateKey.generate().public().raw.hex()}\n")
@@ -236,7 +219,6 @@ async def test_server_info_announces_the_token_bucket() -> None:
             await prober.close()
 
 
-@NEEDS_READ_LIMIT
 async def test_client_over_its_rate_is_held_to_it_and_others_are_unaffected() -> None:
     async with cluster_up("--client-bytes-per-second", str(RATE), "--client-bytes-burst", str(BURST)) as cluster:
         a, b, c, d = [await DerpClient.connect(cluster.url) for _ in range(4)]
@@ -260,7 +242,6 @@ async def test_client_over_its_rate_is_held_to_it_and_others_are_unaffected() ->
         assert 0.7 * RATE <= rate <= 1.3 * RATE, f"relayed {rate:.0f} B/s for a {RATE} B/s client"
 
 
-@NEEDS_WIRING
 async def test_accept_burst_beyond_the_limit_is_refused_quickly() -> None:
     async with cluster_up("--accept-connection-limit", "1", "--accept-connection-burst", "5") as cluster:
 

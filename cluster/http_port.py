@@ -1,0 +1,173 @@
+"""The plain-HTTP port (`server.http_port`, derper's `-http-port`, usually 80) beside a TLS DERP port.
+
+Tailscale clients probe `http://HOST/generate_204` for captive portals, and that check must work
+without TLS. Like derper, the port answers /generate_204 itself and sends every other GET/HEAD to
+the HTTPS address (302); other methods get 400 "Use HTTPS". It is only served when the DERP port
+serves TLS: in certmode dev the DERP port is plain HTTP already and answers /generate_204 itself.
+
+Each worker binds the port with SO_REUSEPORT (as it does the DERP port) and serves it with a second
+small uvicorn server in its own event loop; no extra process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Generator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from relay_worker.http_app import CHALLENGE_RE, NO_CACHE
+from relay_worker.server import make_listen_socket
+
+from .config import Config, ConfigError
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+def http_port_wanted(config: Config) -> int | None:
+    """The plain-HTTP port to serve, or None (off, or the DERP port is plain HTTP already)."""
+    port = int(config.values["server.http_port"])
+    if port < 0 or not config.tls:
+        return None
+    return port
+
+
+def check_http_port(config: Config) -> None:
+    """For the supervisor before it starts workers: fail with one line if the port is taken."""
+    port = http_port_wanted(config)
+    if port is None:
+        return
+    host = config.listen_addr[0]
+    if port == config.listen_addr[1]:
+        raise ConfigError(f"server.http_port (--http-port): {port} is the DERP port too; pick another "
+                          "(usually 80) or -1 for off")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+            raise ConfigError(f"server.http_port (--http-port): {host}:{port} {what}; "
+                              "free it, pick another port, or -1 for off") from exc
+
+
+def open_http_port(config: Config) -> socket.socket | None:
+    """The listening socket for the plain-HTTP port of this worker, or None when not wanted."""
+    port = http_port_wanted(config)
+    if port is None:
+        return None
+    return make_listen_socket(config.listen_addr[0], port)
+
+
+def build_port80_app(hostname: str, https_port: int) -> Starlette:
+    """/generate_204 as on the DERP port; everything else points at the HTTPS address."""
+
+    async def generate_204(request: Request) -> Response:
+        headers = {"Cache-Control": NO_CACHE}
+        challenge = request.headers.get("x-tailscale-challenge", "")
+        if challenge and CHALLENGE_RE.match(challenge):
+            headers["X-Tailscale-Response"] = "response " + challenge
+        return Response(status_code=204, headers=headers)
+
+    async def to_https(request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return PlainTextResponse("Use HTTPS\n", status_code=400)
+        host = hostname or (request.url.hostname or "localhost")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        port = "" if https_port == 443 else f":{https_port}"
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"https://{host}{port}{path}", status_code=302)
+
+    return Starlette(routes=[
+        Route("/generate_204", generate_204, methods=_ALL_METHODS),
+        Route("/{path:path}", to_https, methods=_ALL_METHODS),
+    ])
+
+
+class _QuietServer(uvicorn.Server):
+    # The worker's own WorkerServer owns SIGTERM/SIGINT (it drains DERP clients); a second
+    # server installing handlers would steal them, so side servers never touch signals.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class SideServer:
+    """A plain (never TLS) uvicorn server on given sockets, run as a task in the worker's loop."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        self.server = _QuietServer(config)
+        self.sockets = sockets
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=self.sockets),
+                                                            name="side-server")
+        # Wait until uvicorn listens (or fails), so the caller knows the sockets answer.
+        while not self.server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()  # raises what made the server fail to start
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, SystemExit):
+                await self._task
+            self._task = None
+        for sock in self.sockets:
+            sock.close()
+
+
+def port80_server(config: Config, sock: socket.socket) -> SideServer:
+    app = build_port80_app(config.values["server.hostname"], config.listen_addr[1])
+    uv = uvicorn.Config(app, lifespan="off", loop="none", log_level=config.log_level, access_log=False,
+                        server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=2)
+    return SideServer(uv, [sock])
+
+
+class SideServers:
+    """What a worker serves next to its DERP port, outside uvicorn's TLS.
+
+    uvicorn puts its ssl context on every socket a server serves, so with TLS on the DERP port the
+    admin unix socket (the supervisor's readiness check, `cluster status`) must move to a plain
+    server of its own; the plain-HTTP port (server.http_port) is another one.
+    """
+
+    def __init__(self, servers: list[SideServer]) -> None:
+        self.servers = servers
+
+    @classmethod
+    async def start(cls, config: Config, uvicorn_config: uvicorn.Config | None = None,
+                    admin_sock: socket.socket | None = None) -> SideServers:
+        """Serve admin_sock with uvicorn_config (the worker's own app and DERP protocol, no ssl) if
+        given, and the plain-HTTP port if the config asks for it."""
+        servers: list[SideServer] = []
+        if admin_sock is not None and uvicorn_config is not None:
+            servers.append(SideServer(uvicorn_config, [admin_sock]))
+        sock = open_http_port(config)
+        if sock is not None:
+            servers.append(port80_server(config, sock))
+        started = cls([])
+        try:
+            for server in servers:
+                await server.start()
+                started.servers.append(server)
+        except BaseException:
+            await started.stop()
+            raise
+        return started
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()
+        self.servers = []

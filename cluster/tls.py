@@ -1,0 +1,312 @@
+"""TLS for the DERP port: the three cert modes of `server.certmode`, and hot reload of renewed certs.
+
+- dev: plain HTTP (no context).
+- manual: exactly CERTDIR/HOSTNAME.crt and CERTDIR/HOSTNAME.key, derper's naming rule, so an
+  operator moving from derper keeps the same cert directory.
+- selfsigned: a certificate generated once into STATE_DIR/tls/ and reused on every restart, so the
+  `sha256-raw:<hex>` pin pasted into the derpMap (DERPNode.CertName) stays valid. Tailscale clients
+  check that pin instead of a CA chain, which is how IP-only relays work.
+
+Workers call `build_ssl_context` and run a `CertReloader`; the supervisor calls `check_tls_config`
+first so a bad cert setup fails at start with one line instead of N crashing workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+log = logging.getLogger("cluster.tls")
+
+#: how often CertReloader looks at the files; renewals are rare, a stat pair is cheap
+RELOAD_INTERVAL = 5.0
+#: a self-signed cert lives this long; Tailscale checks only the pin, never the dates, but other
+#: clients (curl -k, browsers) show them, so keep them sane and renew well before the end
+SELFSIGNED_VALIDITY_DAYS = 3650
+SELFSIGNED_RENEW_BEFORE_DAYS = 30
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    crt: Path
+    key: Path
+    pin: str = ""  # sha256-raw:<hex> for selfsigned certs, "" otherwise
+
+
+def manual_cert_paths(config: Config) -> tuple[Path, Path]:
+    """The only two files certmode manual loads: CERTDIR/HOSTNAME.crt and CERTDIR/HOSTNAME.key."""
+    certdir = Path(config.values["server.certdir"])
+    hostname = config.values["server.hostname"]
+    return certdir / f"{hostname}.crt", certdir / f"{hostname}.key"
+
+
+def cert_pin(crt: Path | str) -> str:
+    """derpMap CertName pin of a PEM cert: sha256 over the DER bytes of the leaf, as tlsdial checks it."""
+    pem = Path(crt).read_text()
+    der = ssl.PEM_cert_to_DER_cert(pem[pem.index("-----BEGIN CERTIFICATE-----"):])
+    return "sha256-raw:" + hashlib.sha256(der).hexdigest()
+
+
+def new_server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # DERP is HTTP/1.1 (upgrade or WebSocket); announcing h2 would make browsers pick a protocol
+    # uvicorn does not speak.
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _load_pair(ctx: ssl.SSLContext, crt: Path, key: Path, setting: str) -> None:
+    try:
+        ctx.load_cert_chain(str(crt), str(key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{setting}: cannot load {crt} with {key}: {exc.reason or exc} "
+                          "(want PEM cert chain + matching PEM private key)") from exc
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {exc.filename or crt}: {exc.strerror}") from exc
+
+
+def resolve_cert_files(config: Config) -> CertFiles | None:
+    """Which files the workers serve (generating the self-signed pair if needed); None for dev."""
+    mode = config.values["server.certmode"]
+    if mode == "dev":
+        return None
+    if mode == "manual":
+        crt, key = manual_cert_paths(config)
+        if not (crt.is_file() and key.is_file()):
+            raise ConfigError(
+                f"server.certdir: certmode manual needs {crt} and {key} "
+                "(files must be named exactly <hostname>.crt/.key)")
+        return CertFiles(crt, key)
+    if mode == "selfsigned":
+        return ensure_selfsigned(config)
+    raise ConfigError(f"server.certmode: unknown mode {mode!r}")  # load_config rejects it first
+
+
+def build_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server context for the DERP port, or None for certmode dev (plain HTTP)."""
+    files = resolve_cert_files(config)
+    if files is None:
+        return None
+    ctx = new_server_context()
+    _load_pair(ctx, files.crt, files.key, "server.certdir" if files.pin == "" else "server.state_dir")
+    return ctx
+
+
+def check_tls_config(config: Config) -> str | None:
+    """Run by the supervisor before it starts workers: raise ConfigError (one line) if the cert
+    setup cannot work; return a line worth printing (the selfsigned pin), or None."""
+    files = resolve_cert_files(config)
+    if files is None:
+        return None
+    _load_pair(new_server_context(), files.crt, files.key,
+               "server.certdir" if files.pin == "" else "server.state_dir")
+    if files.pin:
+        return (f"self-signed TLS cert {files.crt}; put \"CertName\": \"{files.pin}\" in this node's "
+                "derpMap entry (clients check that pin instead of a CA)")
+    return None
+
+
+# -- selfsigned ------------------------------------------------------------------------------------
+
+
+def selfsigned_name(config: Config) -> str:
+    """The name the generated cert is for: the hostname (DNS name or IP), else the listen IP."""
+    hostname = config.values["server.hostname"]
+    if hostname:
+        return str(hostname)
+    host = config.listen_addr[0]
+    return host if host not in ("", "0.0.0.0", "::") else "localhost"
+
+
+def selfsigned_paths(config: Config) -> tuple[Path, Path]:
+    tls_dir = config.state_path / "tls"
+    return tls_dir / "selfsigned.crt", tls_dir / "selfsigned.key"
+
+
+def ensure_selfsigned(config: Config) -> CertFiles:
+    """Reuse STATE_DIR/tls/selfsigned.{crt,key} if it is for this name and not near expiry, else
+    generate it. Locked, so N workers starting at once agree on one cert (and one pin)."""
+    crt, key = selfsigned_paths(config)
+    name = selfsigned_name(config)
+    try:
+        crt.parent.mkdir(parents=True, exist_ok=True)
+        with open(crt.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _selfsigned_usable(crt, key, name):
+                _generate_selfsigned(crt, key, name)
+                log.info("generated self-signed TLS cert for %s in %s", name, crt)
+    except OSError as exc:
+        raise ConfigError(f"server.state_dir: cannot write the self-signed cert under {crt.parent}: "
+                          f"{exc.strerror}") from exc
+    return CertFiles(crt, key, cert_pin(crt))
+
+
+def _need_cryptography() -> None:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError as exc:  # imported lazily: only this mode needs it
+        raise ConfigError("server.certmode: selfsigned needs the 'cryptography' package "
+                          "(pip install cryptography), or use certmode manual") from exc
+
+
+def _selfsigned_usable(crt: Path, key: Path, name: str) -> bool:
+    if not (crt.is_file() and key.is_file()):
+        return False
+    _need_cryptography()
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    if _general_name(name) not in list(sans):
+        return False
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return left > datetime.timedelta(days=SELFSIGNED_RENEW_BEFORE_DAYS)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _generate_selfsigned(crt: Path, key: Path, name: str) -> None:
+    _need_cryptography()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    # P-256: every Tailscale client speaks it and handshakes are cheaper than RSA's.
+    private = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clients with a slow clock
+        .not_valid_after(now + datetime.timedelta(days=SELFSIGNED_VALIDITY_DAYS))
+        .add_extension(x509.SubjectAlternativeName([_general_name(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    # Key first, then cert, each replaced atomically: a reader never sees a half-written file, and
+    # a cert on disk always has its key already next to it.
+    _write_atomic(key, key_pem, 0o600)
+    _write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- reload ----------------------------------------------------------------------------------------
+
+
+def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int, int], ...] | None:
+    # os.stat follows symlinks, so a Kubernetes Secret volume (files are symlinks through ..data,
+    # swapped atomically on update) shows up as a new inode.
+    try:
+        return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+    except OSError:
+        return None
+
+
+class CertReloader:
+    """Watch crt/key and load them into the live context when they change, so new TLS handshakes
+    get the renewed cert without a restart (connections already up keep theirs)."""
+
+    def __init__(self, context: ssl.SSLContext, crt: Path | str, key: Path | str,
+                 interval: float = RELOAD_INTERVAL) -> None:
+        self.context = context
+        self.crt = Path(crt)
+        self.key = Path(key)
+        self.interval = interval
+        self.reloads = 0
+        self.failures = 0
+        self._seen = _signature((self.crt, self.key))
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_config(cls, context: ssl.SSLContext | None, config: Config,
+                   interval: float = RELOAD_INTERVAL) -> CertReloader | None:
+        """A started reloader for the files build_ssl_context loaded, or None in dev mode."""
+        files = resolve_cert_files(config)
+        if context is None or files is None:
+            return None
+        reloader = cls(context, files.crt, files.key, interval)
+        reloader.start()
+        return reloader
+
+    def check(self) -> bool:
+        """Reload if the files changed; True when a new cert was loaded."""
+        seen = _signature((self.crt, self.key))
+        if seen is None or seen == self._seen:
+            return False  # unchanged, or mid-renewal with a file briefly missing: look again later
+        # Try the pair on a scratch context first: a renewal writes crt and key one after the
+        # other, and loading a mismatched pair into the live context could leave it unusable.
+        try:
+            new_server_context().load_cert_chain(str(self.crt), str(self.key))
+            self.context.load_cert_chain(str(self.crt), str(self.key))
+        except (ssl.SSLError, OSError) as exc:
+            self.failures += 1
+            log.warning("TLS cert %s changed but does not load yet (%s); keeping the old one", self.crt, exc)
+            return False  # _seen is left alone so the next tick tries again
+        self._seen = seen
+        self.reloads += 1
+        log.info("reloaded TLS cert %s", self.crt)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive a surprise; the old cert keeps serving
+                log.exception("TLS cert reload check failed")
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="cert-reloader")
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
