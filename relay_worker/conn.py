@@ -186,7 +186,8 @@ class DerpServerConn(asyncio.Protocol):
         if relay.draining:
             self.close_with("server is shutting down")
             return
-        if relay.max_clients and relay.stats.current_connections >= relay.max_clients and not self.is_mesh:
+        if (relay.max_clients and relay.stats.current_connections >= relay.max_clients
+                and not self.is_mesh and not self.is_prober):
             relay.stats.refused_clients += 1
             self.close_with("worker is at its client limit", level=logging.WARNING)
             return
