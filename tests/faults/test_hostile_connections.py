@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from relay_worker.client import DerpClient
+from relay_worker.client import DerpClient, DerpClientError
 from tests.faults.conftest import open_fds, raise_nofile, report, worker_rss_kib
 from tests.support import ClusterProcess, await_until
 
@@ -192,6 +192,21 @@ async def test_idle_and_slow_loris_http_connections_are_closed() -> None:
             await asyncio.gather(*drips, return_exceptions=True)
             for sock in [*idle, *loris]:
                 sock.close()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IsProber is self-declared in ClientInfo, yet it exempts the client "
+                                       "from --max-clients (and from the per-client read limit)")
+async def test_claiming_to_be_a_prober_does_not_bypass_the_client_limit() -> None:
+    with ClusterProcess("--max-clients", "2", workers=1) as cluster:
+        regular = [await DerpClient.connect(cluster.url) for _ in range(2)]
+        sneaky: list[DerpClient] = []
+        try:
+            with pytest.raises(DerpClientError):
+                # any unauthenticated client can set IsProber: it must be refused like any other
+                sneaky.append(await DerpClient.connect(cluster.url, is_prober=True, timeout=5))
+        finally:
+            for client in [*regular, *sneaky]:
+                await client.close()
 
 
 @pytest.mark.skip(reason="needs --accept-connection-limit wiring")
