@@ -1,4 +1,4 @@
-"""`python -m cluster.healthcheck`: exit 0 only if this node relays a packet, within 3 s.
+"""`python -m cluster.healthcheck`: exit 0 if this node relays a packet, within 3 s.
 
 Used by the Docker HEALTHCHECK and the Kubernetes readiness probe. An open port says little (a
 worker can accept TCP and still fail the handshake or lose packets), so this connects two
@@ -7,6 +7,10 @@ waits for it to arrive. The clients say IsProber so dashboards can tell them fro
 
 It reads the same settings as `cluster up` (TOML file via --config, DERP_* environment, flags),
 so in a container it finds the port and cert mode from the variables the node runs with.
+
+With admission on (verify_clients, a verify URL or an allow-keys file) throwaway keys are refused,
+as they should be; the check then presents derper's mesh key (server.mesh_key_file) to pass
+admission like a mesh peer, or, without one, only checks that the DERP handshake is answered.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 import secrets
 import ssl
 import sys
+from pathlib import Path
+from typing import Any
 
 from relay_worker.client import DerpClient, DerpClientError
 
@@ -47,14 +53,14 @@ def loopback_tls_context() -> ssl.SSLContext:
 
 
 async def relay_round_trip(url: str, *, ssl_context: ssl.SSLContext | None = None,
-                           server_hostname: str | None = None, timeout: float = 3.0) -> None:
+                           server_hostname: str | None = None, mesh_key: str = "", timeout: float = 3.0) -> None:
     """Connect two clients, relay one packet A -> B; raise on any failure or after timeout."""
+    kwargs: dict[str, Any] = {"is_prober": True, "ssl_context": ssl_context, "server_hostname": server_hostname,
+                              "mesh_key": mesh_key, "timeout": timeout}
     async with asyncio.timeout(timeout):
-        a = await DerpClient.connect(url, is_prober=True, ssl_context=ssl_context,
-                                     server_hostname=server_hostname, timeout=timeout)
+        a = await DerpClient.connect(url, **kwargs)
         try:
-            b = await DerpClient.connect(url, is_prober=True, ssl_context=ssl_context,
-                                         server_hostname=server_hostname, timeout=timeout)
+            b = await DerpClient.connect(url, **kwargs)
             try:
                 payload = b"healthcheck " + secrets.token_bytes(16)
                 resender = asyncio.create_task(_resend(a, b.public_key, payload))
@@ -71,6 +77,33 @@ async def relay_round_trip(url: str, *, ssl_context: ssl.SSLContext | None = Non
             await a.close()
 
 
+async def handshake_answers(url: str, *, ssl_context: ssl.SSLContext | None = None,
+                            server_hostname: str | None = None, timeout: float = 3.0) -> None:
+    """The weaker check: the DERP port upgrades, sends its ServerKey and takes our ClientInfo."""
+    async with asyncio.timeout(timeout):
+        client = await DerpClient.connect(url, is_prober=True, ssl_context=ssl_context,
+                                          server_hostname=server_hostname, timeout=timeout, wait_server_info=False)
+        await client.close()
+
+
+def admission_on(config: Config) -> bool:
+    v = config.values
+    return bool(v["admission.verify_clients"] or v["admission.verify_client_url"] or v["admission.allow_keys_file"])
+
+
+def read_mesh_key(config: Config) -> str:
+    """derper's mesh key, if the node has one: mesh peers skip admission, so with it the check can
+    relay even when only tailnet nodes are admitted."""
+    path = config.values["server.mesh_key_file"]
+    if not path:
+        return ""
+    try:
+        key = Path(path).read_text().strip().lower()
+    except OSError:
+        return ""
+    return key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else ""
+
+
 async def _resend(sender: DerpClient, dst: bytes, payload: bytes) -> None:
     # A first packet can legitimately be dropped: B's key may not be registered the instant its
     # handshake returns, and with several workers the owner of B may not be known to A's worker
@@ -80,19 +113,30 @@ async def _resend(sender: DerpClient, dst: bytes, payload: bytes) -> None:
         await asyncio.sleep(RESEND_INTERVAL)
 
 
-def check(config: Config, timeout: float = 3.0) -> str | None:
-    """None when healthy, else a one-line reason."""
+def check(config: Config, timeout: float = 3.0) -> tuple[bool, str]:
+    """(healthy, what was checked or what failed), one line."""
     url = local_url(config)
     ctx = loopback_tls_context() if config.tls else None
     # SNI with the real hostname, so a node serving several names picks the one clients get.
     sni = (config.hostname or None) if config.tls else None
+    mesh_key = read_mesh_key(config)
+    # With admission on, throwaway keys are (rightly) refused unless they present the mesh key;
+    # then all that can be checked from here is that the DERP port answers the handshake.
+    full = bool(mesh_key) or not admission_on(config)
     try:
-        asyncio.run(relay_round_trip(url, ssl_context=ctx, server_hostname=sni, timeout=timeout))
+        if full:
+            asyncio.run(relay_round_trip(url, ssl_context=ctx, server_hostname=sni, mesh_key=mesh_key,
+                                         timeout=timeout))
+        else:
+            asyncio.run(handshake_answers(url, ssl_context=ctx, server_hostname=sni, timeout=timeout))
     except TimeoutError:
-        return f"{url}: no relayed packet within {timeout:g}s"
+        return False, f"{url}: no {'relayed packet' if full else 'DERP handshake'} within {timeout:g}s"
     except (DerpClientError, OSError, ssl.SSLError) as exc:
-        return f"{url}: {exc}"
-    return None
+        return False, f"{url}: {exc}"
+    if full:
+        return True, f"{url} relayed a packet"
+    return True, (f"{url} answered the DERP handshake (admission is on and there is no mesh key to pass it, "
+                  "so no packet was relayed; set server.mesh_key_file for the full check)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,19 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="the TOML file `cluster up` runs with")
     parser.add_argument("--listen", help="DERP address HOST:PORT (default: from config/DERP_ADDR)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds for the whole check")
-    parser.add_argument("--quiet", action="store_true", help="print nothing when healthy")
+    parser.add_argument("--quiet", action="store_true", help="print nothing when a packet was relayed")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, os.environ, {"server.listen": args.listen})
     except ConfigError as exc:
         print(f"unhealthy: config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    problem = check(config, args.timeout)
-    if problem:
-        print(f"unhealthy: {problem}", file=sys.stderr)
+        sys.exit(1)  # Docker reserves exit status 2 in health checks
+    healthy, what = check(config, args.timeout)
+    if not healthy:
+        print(f"unhealthy: {what}", file=sys.stderr)
         sys.exit(1)
-    if not args.quiet:
-        print(f"healthy: {local_url(config)} relayed a packet")
+    # --quiet hides the plain "relayed a packet"; the caveat of the weaker check is always shown
+    if not args.quiet or not what.endswith("relayed a packet"):
+        print(f"healthy: {what}")
     sys.exit(0)
 
 

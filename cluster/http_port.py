@@ -45,6 +45,9 @@ def check_http_port(config: Config) -> None:
     if port is None:
         return
     host = config.listen_addr[0]
+    if port == 0:
+        raise ConfigError("server.http_port (--http-port): workers share the port, so it cannot be 0; "
+                          "use 80, another port, or -1 for off")
     if port == config.listen_addr[1]:
         raise ConfigError(f"server.http_port (--http-port): {port} is the DERP port too; pick another "
                           "(usually 80) or -1 for off")
