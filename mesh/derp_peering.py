@@ -80,6 +80,9 @@ class DerpMeshPeer:
             except (DerpClientError, OSError, TimeoutError, F.ProtocolError) as exc:
                 self.last_error = str(exc)
                 log.warning("mesh with %s: %s; retrying in %.1fs", self.url, exc, backoff)
+            except Exception as exc:  # whatever a peer sends must not end the peering for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("mesh with %s failed unexpectedly; retrying in %.1fs", self.url, backoff)
             finally:
                 self.connected = False
                 self._forget_all()

@@ -131,7 +131,7 @@ class DerpServerConn(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.queue = self.disco_queue = None
+        self._drop_queued("gone_disconnected")
         if self.read_limit is not None:
             cancel_read_limit(self)
         self.relay.connection_closed(self)
@@ -148,9 +148,13 @@ class DerpServerConn(asyncio.Protocol):
         if transport is None:
             return
         # Flush what queued while paused; disco first, since it is small and steers path discovery.
+        stats = self.relay.stats
         for queue in (self.disco_queue, self.queue):
             if queue:
-                transport.writelines(queue) if len(queue) > 1 else transport.write(queue[0])
+                data = b"".join(queue)
+                transport.write(data)
+                stats.packets_sent += len(queue)
+                stats.bytes_sent += len(data) - 37 * len(queue)
                 queue.clear()
 
     # -- handshake ----------------------------------------------------------------------------------
@@ -181,13 +185,14 @@ class DerpServerConn(asyncio.Protocol):
             return
         self.key = key
         self.info = info
-        self.is_prober = info.is_prober
         self.is_mesh = mesh_key_matches(info.mesh_key, relay.mesh_key)
+        # IsProber is self-declared: it tags the client in PeerPresent, but only a prober that also
+        # presents the mesh key (is_mesh) is exempt from client limits.
+        self.is_prober = info.is_prober
         if relay.draining:
             self.close_with("server is shutting down")
             return
-        if (relay.max_clients and relay.stats.current_connections >= relay.max_clients
-                and not self.is_mesh and not self.is_prober):
+        if relay.max_clients and relay.stats.current_connections >= relay.max_clients and not self.is_mesh:
             relay.stats.refused_clients += 1
             self.close_with("worker is at its client limit", level=logging.WARNING)
             return
@@ -444,6 +449,7 @@ class DerpServerConn(asyncio.Protocol):
         if not quiet:
             who = PublicKey(self.key).short() if self.key else "unidentified client"
             log.log(level, "closing %s from %s: %s", who, self.peer, why)
+        self._drop_queued("gone_disconnected")
         transport = self.transport
         if transport is not None:
             transport.close()
@@ -452,11 +458,16 @@ class DerpServerConn(asyncio.Protocol):
             if self.registered:
                 self.relay.unregister(self)
 
-    def abort_with(self, why: str) -> None:
-        log.info("dropping %s from %s: %s", PublicKey(self.key).short() if self.key else "?", self.peer, why)
+    def _drop_queued(self, reason: str) -> None:
+        """Packets still queued for a client that is going away are dropped, and counted."""
         queued = len(self.queue or ()) + len(self.disco_queue or ())
         if queued:
-            self.relay.stats.drop("write_error", queued)
+            self.relay.stats.drop(reason, queued)
+        self.queue = self.disco_queue = None
+
+    def abort_with(self, why: str) -> None:
+        log.info("dropping %s from %s: %s", PublicKey(self.key).short() if self.key else "?", self.peer, why)
+        self._drop_queued("write_error")
         transport = self.transport
         if self.state != CLOSED:
             self.state = CLOSED

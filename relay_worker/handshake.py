@@ -46,15 +46,10 @@ class ClientInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ClientInfo:
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"ClientInfo is not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ProtocolError("ClientInfo JSON is not an object")
+        doc = _json_object(raw, "ClientInfo")
         version = doc.get("version", 0)
         mesh_key = doc.get("meshKey", "") or ""
-        if not isinstance(version, int) or not isinstance(mesh_key, str):
+        if not isinstance(version, int) or isinstance(version, bool) or not isinstance(mesh_key, str):
             raise ProtocolError("ClientInfo has fields of the wrong type")
         return cls(
             version=version,
@@ -81,17 +76,26 @@ class ServerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ServerInfo:
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"ServerInfo is not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ProtocolError("ServerInfo JSON is not an object")
-        return cls(
-            version=int(doc.get("version", 0)),
-            token_bucket_bytes_per_second=int(doc.get("TokenBucketBytesPerSecond", 0)),
-            token_bucket_bytes_burst=int(doc.get("TokenBucketBytesBurst", 0)),
-        )
+        doc = _json_object(raw, "ServerInfo")
+        values = []
+        for name in ("version", "TokenBucketBytesPerSecond", "TokenBucketBytesBurst"):
+            value = doc.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+                raise ProtocolError(f"ServerInfo field {name} is not a non-negative integer")
+            values.append(value)
+        return cls(*values)
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a handshake JSON document; anything a peer can send maps to ProtocolError."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays fit in the 256 KiB ClientInfo cap
+        raise ProtocolError(f"{what} is not JSON: {type(exc).__name__}") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"{what} JSON is not an object")
+    return doc
 
 
 def _box(private: PrivateKey, peer_public: bytes) -> Box:

@@ -37,6 +37,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._derp_upgrade = False
+        self._request_timer: Any = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         gate = self.accept_gate
@@ -45,8 +46,42 @@ class DerpHttpProtocol(HttpToolsProtocol):
             transport.abort()
             return
         super().connection_made(transport)
+        self._arm_request_timer()
+
+    # uvicorn arms its keep-alive timer only after a response, and every byte received cancels it,
+    # so a connection that never completes its request headers (half-open, slow-loris) would stay
+    # forever. The request phase is the first step of the DERP handshake: it gets the same deadline,
+    # counted from the first byte of the request and not reset by more bytes.
+
+    def _arm_request_timer(self) -> None:
+        if self._request_timer is None:
+            self._request_timer = self.loop.call_later(self.relay.handshake_timeout, self._request_expired)
+
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _request_expired(self) -> None:
+        self._request_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.relay.stats.handshake_timeouts += 1
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_request_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._cancel_request_timer()  # idle keep-alive is uvicorn's timeout_keep_alive from here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_request_timer()
+        super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
+        self._cancel_request_timer()
         if (
             self.parser.should_upgrade()
             and self._get_upgrade() == b"derp"

@@ -129,13 +129,13 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
 
     Call at the end of `DerpServerConn.data_received`. Counted are the bytes read off the socket
     (frame headers included), which is what Tailscale's client counts against the same
-    TokenBucketBytesPerSecond/Burst on its side. Connections that are not yet admitted, mesh peers
-    and probers are not limited, and with `relay.token_bucket_rate == 0` this returns at once.
+    TokenBucketBytesPerSecond/Burst on its side. Connections that are not yet admitted and mesh peers
+    (probers presenting the mesh key included) are not limited; with no rate set this returns at once.
     The bucket lives on the connection, so it goes when the connection goes.
     """
     relay = conn.relay
     rate = relay.token_bucket_rate
-    if rate <= 0 or conn.is_mesh or conn.is_prober or not conn.registered:
+    if rate <= 0 or conn.is_mesh or not conn.registered:
         return
     transport = conn.transport
     if transport is None:

@@ -770,10 +770,12 @@ async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected()
         assert read_limit_stats()["pauses"] > 0
 
 
-async def test_probers_are_exempt_from_the_read_limit() -> None:
-    relay = new_relay(token_bucket_rate=RATE, token_bucket_burst=BURST)
-    async with running_relay(relay) as worker, clients(DerpClient.connect(worker.url, is_prober=True),
-                                                       DerpClient.connect(worker.url)) as (prober, q):
+async def test_probers_with_the_mesh_key_are_exempt_from_the_read_limit() -> None:
+    # IsProber alone is self-declared; only a prober that also presents the mesh key is trusted.
+    relay = new_relay(token_bucket_rate=RATE, token_bucket_burst=BURST, mesh_key="7a" * 32)
+    async with running_relay(relay) as worker, clients(
+            DerpClient.connect(worker.url, is_prober=True, mesh_key="7a" * 32),
+            DerpClient.connect(worker.url)) as (prober, q):
         assert prober.server_info is not None
         total = 4 * RATE
         payload = os.urandom(16384)

@@ -729,7 +729,6 @@ def relay_loop() -> Any:
     loop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: packets flushed by resume_writing are not counted in packets_sent")
 def test_packets_flushed_after_a_stall_count_as_sent(relay_loop: Any) -> None:
     relay, loop = relay_loop
     sender, _ = _handshaken(relay, loop, CLIENT_KEYS[0], 1)
@@ -741,7 +740,6 @@ def test_packets_flushed_after_a_stall_count_as_sent(relay_loop: Any) -> None:
     assert relay.stats.packets_sent == 10  # ... so derp_packets_sent must say ten
 
 
-@pytest.mark.xfail(strict=True, reason="bug: packets queued for a client that disconnects vanish uncounted")
 def test_packets_queued_for_a_closing_client_count_as_dropped(relay_loop: Any) -> None:
     relay, loop = relay_loop
     sender, _ = _handshaken(relay, loop, CLIENT_KEYS[0], 1)
@@ -761,7 +759,6 @@ def test_packets_queued_for_a_closing_client_count_as_dropped(relay_loop: Any) -
     assert stats.packets_sent + sum(stats.drops.values()) == 10, stats.drops
 
 
-@pytest.mark.xfail(strict=True, reason="bug: RecursionError from ClientInfo.from_json escapes data_received")
 def test_deeply_nested_client_info_is_a_handshake_failure_not_an_exception(relay_loop: Any) -> None:
     # Any client can seal what it likes with its own key; 100 KB of '[' fits the 256 KiB ClientInfo cap.
     relay, loop = relay_loop

@@ -3,9 +3,9 @@ connections, 50 slow-loris HTTP requests (one header byte a second), and DERP up
 send ClientInfo. Legitimate clients must keep connecting and relaying throughout; silent DERP
 handshakes must be closed by the handshake timeout (`--handshake-timeout 1` keeps the test short).
 
-Whether idle and slow-loris HTTP connections are closed at all is a separate, strict-xfail test:
-uvicorn arms its keep-alive timer only after a first response, so nothing closes a connection that
-never completes a request (reported; see docs/FAULTS.md).
+Whether idle and slow-loris HTTP connections are closed at all is a separate test: uvicorn arms its
+keep-alive timer only after a first response, so the worker's HTTP protocol gives the request phase
+the handshake deadline (a regression test for a bug the fault suite found; see docs/FAULTS.md).
 """
 
 from __future__ import annotations
@@ -173,8 +173,6 @@ def _soft_nofile(pid: int) -> int:
     return 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an HTTP connection that never completes its request is never closed "
-                                       "(no header/idle timeout before the first request)")
 async def test_idle_and_slow_loris_http_connections_are_closed() -> None:
     # Expectation: the request phase is the first step of the DERP handshake, so it gets the same
     # deadline (--handshake-timeout); 4 s of slack on top.
@@ -194,8 +192,6 @@ async def test_idle_and_slow_loris_http_connections_are_closed() -> None:
                 sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: IsProber is self-declared in ClientInfo, yet it exempts the client "
-                                       "from --max-clients (and from the per-client read limit)")
 async def test_claiming_to_be_a_prober_does_not_bypass_the_client_limit() -> None:
     with ClusterProcess("--max-clients", "2", workers=1) as cluster:
         regular = [await DerpClient.connect(cluster.url) for _ in range(2)]
