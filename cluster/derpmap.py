@@ -53,6 +53,10 @@ def node_snippet(config: Config, name: str | None = None) -> dict[str, Any]:
     if not config.tls:
         # dev mode serves plain HTTP; clients still need TS_DEBUG_USE_DERP_HTTP=1 to dial it (docs/PROBE.md)
         node["InsecureForTests"] = True
+    if config.values["server.certmode"] == "selfsigned":
+        from .tls import ensure_selfsigned
+
+        node["CertName"] = ensure_selfsigned(config).pin
     return node
 
 

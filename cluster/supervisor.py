@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import Config, ConfigError
+from .http_port import check_http_port
+from .tls import check_tls_config
 
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
@@ -96,6 +98,10 @@ class Supervisor:
         if port == 0:
             raise ConfigError("server.listen (--listen): workers share the port, so it cannot be 0")
         check_port_free(host, port)
+        check_http_port(self.config)
+        tls_note = check_tls_config(self.config)
+        if tls_note:
+            self.say(tls_note)
         stun = self.config.stun_addr
         if stun is not None:
             check_udp_port_free(*stun)

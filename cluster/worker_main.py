@@ -33,7 +33,9 @@ from relay_worker.server import WorkerServer, make_listen_socket, make_unix_sock
 from stun.server import start_stun_server
 
 from .config import Config, load_config, parse_hostport
+from .http_port import SideServers
 from .node_metrics import gather_worker_docs, node_metrics_text
+from .tls import CertReloader, build_ssl_context
 
 log = logging.getLogger("cluster.worker")
 
@@ -72,9 +74,12 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGHUP, admission.reload if admission is not None else (lambda: None))
     accept_gate = AcceptLimiter.from_settings(config.limits_accept_connection_limit,
-                                              config.limits_accept_connection_burst)
+                                              config.limits_accept_connection_burst,
+                                              config.limits_accept_connection_limit_per_ip)
     host, port = config.listen_addr
-    sockets = [make_listen_socket(host, port), make_unix_socket(str(run_dir / f"worker-{index}.sock"))]
+    ssl_context = build_ssl_context(config)
+    tcp = make_listen_socket(host, port)
+    admin_sock = make_unix_socket(str(run_dir / f"worker-{index}.sock"))
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
 
@@ -108,11 +113,20 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
 
     app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats,
                     metrics_text=metrics_text)
-    server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level, accept_gate=accept_gate), relay)
+    server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level, accept_gate=accept_gate,
+                                         ssl_context=ssl_context), relay)
+    # uvicorn puts TLS on every socket one server serves: with TLS, the admin unix socket (and the
+    # plain-HTTP /generate_204 port) get a plain side server of their own.
+    side = await SideServers.start(config, uvicorn_config(app, relay, log_level=config.log_level),
+                                   admin_sock if ssl_context else None)
+    reloader = CertReloader.for_config(ssl_context, config)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
     try:
-        await serve(server, sockets)
+        await serve(server, [tcp] if ssl_context else [tcp, admin_sock])
     finally:
+        if reloader is not None:
+            await reloader.stop()
+        await side.stop()
         await mesh.close()
         if stun_server is not None:
             stun_server.close()

@@ -172,6 +172,7 @@ class DerpClient:
         timeout: float = 10.0,
         extra_headers: dict[str, str] | None = None,
         wait_server_info: bool = True,
+        local_addr: tuple[str, int] | None = None,
     ) -> DerpClient:
         key = private_key or PrivateKey.generate()
         parts = urlsplit(url)
@@ -189,7 +190,7 @@ class DerpClient:
                 client = cls(await _open_websocket(parts.scheme, host, port, path, ctx, extra_headers), key)
             else:
                 client = cls(await _open_upgrade(host, port, path, ctx, server_hostname, fast_start,
-                                                 extra_headers), key)
+                                                 extra_headers, local_addr), key)
             await client._handshake(ClientInfo(mesh_key=mesh_key, is_prober=is_prober,
                                                can_ack_pings=can_ack_pings), wait_server_info)
         return client
@@ -284,10 +285,12 @@ class DerpClient:
 
 
 async def _open_upgrade(host: str, port: int, path: str, ctx: ssl.SSLContext | None, server_hostname: str | None,
-                        fast_start: bool, extra_headers: dict[str, str] | None) -> _StreamIO:
+                        fast_start: bool, extra_headers: dict[str, str] | None,
+                        local_addr: tuple[str, int] | None = None) -> _StreamIO:
     try:
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=ctx, server_hostname=(server_hostname or host) if ctx else None, limit=1 << 20)
+            host, port, ssl=ctx, server_hostname=(server_hostname or host) if ctx else None, limit=1 << 20,
+            local_addr=local_addr)
     except OSError as exc:
         raise DerpClientError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: Upgrade", "Upgrade: DERP"]

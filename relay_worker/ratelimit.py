@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,41 +72,70 @@ class AcceptLimiter:
     """Per-worker accept rate, usable as `protocol_class_for(relay, accept_gate=...)`.
 
     Mirrors derper's --accept-connection-limit / --accept-connection-burst (a token bucket on new
-    connections). The gate is called with the peer address of every new connection on every socket
-    the worker serves; connections without an IP peer come from the worker's admin unix socket (the
-    supervisor and `cluster status`) and are never limited, so a flood cannot blind the operator.
+    connections), plus an optional bucket per source IP so one flooding address cannot use up the
+    worker's whole budget and lock everyone else out. The gate is called with the peer address of
+    every new connection on every socket the worker serves; connections without an IP peer come from
+    the worker's admin unix socket (the supervisor and `cluster status`) and are never limited, so a
+    flood cannot blind the operator.
     """
 
-    def __init__(self, rate_per_s: float, burst: int = 0, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate_per_s <= 0:
+    #: source addresses tracked at once; the oldest is forgotten first (a flood of spoofed-looking
+    #: distinct sources then degrades to the global bucket, which still holds)
+    MAX_SOURCES = 65536
+
+    def __init__(self, rate_per_s: float, burst: int = 0, *, per_ip_rate: float = 0.0, per_ip_burst: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_per_s < 0 or per_ip_rate < 0 or (rate_per_s == 0 and per_ip_rate == 0):
             raise ValueError("accept rate must be > 0 (leave the limiter out for unlimited)")
         # derper's burst defaults to "unlimited"; our config's 0 means "unset". A bucket with no room
         # would refuse everything, so an unset burst becomes one second's worth (at least 1).
-        self.burst = int(burst) if burst > 0 else max(1, math.ceil(rate_per_s))
         self.rate = float(rate_per_s)
+        self.burst = (int(burst) if burst > 0 else max(1, math.ceil(rate_per_s))) if rate_per_s else 0
+        self.per_ip_rate = float(per_ip_rate)
+        self.per_ip_burst = int(per_ip_burst) if per_ip_burst > 0 else max(1, math.ceil(per_ip_rate))
         self.clock = clock
-        self.bucket = TokenBucket(self.rate, self.burst, clock())
+        self.bucket = TokenBucket(self.rate, self.burst, clock()) if self.rate else None
+        self.sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self.accepted = 0
         self.refused = 0
+        self.refused_per_ip = 0
 
     @classmethod
-    def from_settings(cls, limit: float, burst: int) -> AcceptLimiter | None:
-        """The limiter for `limits.accept_connection_limit/burst`, or None when the limit is off."""
-        if not limit or limit <= 0 or math.isinf(limit):
+    def from_settings(cls, limit: float, burst: int, per_ip: float = 0.0) -> AcceptLimiter | None:
+        """The limiter for `limits.accept_connection_limit/burst/limit_per_ip`, or None when off."""
+        limit = 0.0 if not limit or math.isinf(limit) or limit < 0 else limit
+        per_ip = 0.0 if not per_ip or math.isinf(per_ip) or per_ip < 0 else per_ip
+        if not limit and not per_ip:
             return None
-        return cls(limit, burst)
+        return cls(limit, burst, per_ip_rate=per_ip)
 
     def __call__(self, peername: Any) -> bool:
         if not isinstance(peername, tuple) or not peername:
             return True  # unix-socket admin connection
-        if self.bucket.take(1, self.clock()):
-            self.accepted += 1
-            return True
-        self.refused += 1
-        return False
+        now = self.clock()
+        if self.per_ip_rate:
+            source = str(peername[0])
+            bucket = self.sources.get(source)
+            if bucket is None:
+                bucket = self.sources[source] = TokenBucket(self.per_ip_rate, self.per_ip_burst, now)
+                if len(self.sources) > self.MAX_SOURCES:
+                    self.sources.popitem(last=False)
+            else:
+                self.sources.move_to_end(source)
+            if not bucket.take(1, now):
+                self.refused += 1
+                self.refused_per_ip += 1
+                return False
+        if self.bucket is not None and not self.bucket.take(1, now):
+            self.refused += 1
+            return False
+        self.accepted += 1
+        return True
 
     def stats(self) -> dict[str, float]:
-        return {"rate": self.rate, "burst": self.burst, "accepted": self.accepted, "refused": self.refused}
+        return {"rate": self.rate, "burst": self.burst, "per_ip_rate": self.per_ip_rate,
+                "accepted": self.accepted, "refused": self.refused, "refused_per_ip": self.refused_per_ip,
+                "sources": len(self.sources)}
 
 
 # -- per-client read limit ----------------------------------------------------------------------------

@@ -205,8 +205,51 @@ async def test_claiming_to_be_a_prober_does_not_bypass_the_client_limit() -> Non
                 await client.close()
 
 
-@pytest.mark.skip(reason="needs --accept-connection-limit wiring")
+FLOOD_CONNECTS = 400
+PER_IP_LIMIT = 20
+
+
+async def _refused_quickly(port: int) -> tuple[bool, float]:
+    """Connect from 127.0.0.1 and try the DERP upgrade; (refused?, seconds until we knew)."""
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True, time.monotonic() - started
+    try:
+        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+        head = await asyncio.wait_for(reader.read(12), 5)
+        return head == b"", time.monotonic() - started
+    except (OSError, TimeoutError):
+        return True, time.monotonic() - started
+    finally:
+        writer.close()
+
+
 async def test_connect_flood_from_one_source_beyond_the_accept_limit_is_refused_quickly() -> None:
-    """TODO: once `--accept-connection-limit` is wired into the workers: flood connects from one
-    source well past the limit; the excess is refused (aborted before any HTTP is parsed) within
-    milliseconds, `accept_rate_limited` counts them, and clients from elsewhere are served."""
+    """A flood of connects from one source past the per-source accept limit: the excess is aborted
+    before any HTTP is parsed, within a fraction of a second, and counted; a client from another
+    source address (127.0.0.2) is served throughout."""
+    with ClusterProcess("--accept-connection-limit-per-ip", str(PER_IP_LIMIT), workers=1) as cluster:
+        flood = asyncio.gather(*(_refused_quickly(cluster.port) for _ in range(FLOOD_CONNECTS)))
+        # the legitimate client comes from another loopback source address while the flood runs
+        legit_started = time.monotonic()
+        a = await DerpClient.connect(cluster.url, local_addr=("127.0.0.3", 0))
+        results = await flood
+        refused = [took for was_refused, took in results if was_refused]
+        stats = cluster.varz()["accept_limit"]
+        report("connect flood", refused=len(refused), of=FLOOD_CONNECTS,
+               slowest_refusal_s=round(max(refused), 3) if refused else None, limiter=stats)
+        assert len(refused) >= FLOOD_CONNECTS - 3 * PER_IP_LIMIT, "the flood was not held to the limit"
+        assert max(refused) < 1.0, "refusals must be quick"
+        assert stats["refused_per_ip"] >= len(refused) - 5
+        # a client from 127.0.0.2 is not affected by 127.0.0.1's empty bucket
+        b = await DerpClient.connect(cluster.url, local_addr=("127.0.0.2", 0))
+        try:
+            await b.send(a.public_key, b"served during the flood")
+            got = await a.recv_packet(timeout=5)
+            assert got.data == b"served during the flood"
+            assert time.monotonic() - legit_started < 30
+        finally:
+            await a.close()
+            await b.close()
