@@ -72,6 +72,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     idle.add_argument("--settle", type=float, default=1.0, help="seconds between connecting and reading RSS")
     idle.set_defaults(func=cmd_bench)
 
+    from .soak import add_soak_parser
+
+    add_soak_parser(modes)
+
 
 def _find_cluster(args: argparse.Namespace) -> Any:
     """The ClusterInfo of the server at --url, or None when it is not a `cluster up` we can see."""
