@@ -48,6 +48,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
                        help="both ends of every pair on one worker (pairs spread over workers)")
     where.add_argument("--cross-worker", dest="placement", action="store_const", const="cross-worker",
                        help="the two ends of every pair on different workers")
+    relay.add_argument("--peer-url", help="connect the second end of every pair here: another node of the "
+                       "cluster, for cross-node relay (charge both nodes' workers with --server-pids)")
     relay.add_argument("--compare-floor", action="store_true",
                        help="also run the identical load against bench/floor_relay.py and print the ratios")
     relay.add_argument("--floor-mode", choices=["coalesced", "per-frame", "both"], default="both",
@@ -124,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 return runner.run_relay(t, pairs=args.pairs, size=args.size, window=args.window,
                                         seconds=args.seconds, warmup=args.warmup, procs=args.procs,
                                         placement=placement, drain=args.drain, fast_start=args.fast_start,
-                                        progress=ui.progress_for(t.label))
+                                        progress=ui.progress_for(t.label),
+                                        peer_url=args.peer_url if t is target else None)
 
             if args.compare_floor:
                 floors = {"coalesced": [False], "per-frame": [True], "both": [False, True]}[args.floor_mode]

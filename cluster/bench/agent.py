@@ -111,22 +111,27 @@ class Agent:
 
     # -- connections --------------------------------------------------------------------------------
 
-    async def _connect_one(self) -> int:
-        conn = await open_conn(self.host, self.port, self.request, ClientKey(), fast_start=self.fast_start)
+    async def _connect_one(self, url: str | None = None) -> int:
+        if url is None:
+            host, port, request = self.host, self.port, self.request
+        else:  # the far end of a cross-node pair
+            host, port, path = parse_url(url)
+            request = upgrade_request(host, port, path, fast_start=self.fast_start)
+        conn = await open_conn(host, port, request, ClientKey(), fast_start=self.fast_start)
         conn_id = self.next_id
         self.next_id += 1
         self.conns[conn_id] = conn
         return conn_id
 
-    async def cmd_connect(self, count: int, concurrency: int = 64) -> list[int]:
-        """Open `count` clients, at most `concurrency` handshakes at a time; return their ids."""
+    async def cmd_connect(self, count: int, concurrency: int = 64, url: str | None = None) -> list[int]:
+        """Open `count` clients (to `url` if given), at most `concurrency` handshakes at a time."""
         self.progress = 0
         ids: list[int] = []
         gate = asyncio.Semaphore(concurrency)
 
         async def one() -> None:
             async with gate:
-                ids.append(await self._connect_one())
+                ids.append(await self._connect_one(url))
                 self.progress += 1
 
         await asyncio.gather(*(one() for _ in range(count)))

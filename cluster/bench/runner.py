@@ -140,14 +140,21 @@ def pin_pairs(agents: Agents, cluster: ClusterInfo, pairs_per_agent: list[int], 
 
 def run_relay(target: Target, *, pairs: int, size: int, window: int, seconds: float, warmup: float,
               procs: int, placement: str, drain: float = 2.0, fast_start: bool = False,
-              progress: Progress = _no_progress) -> dict[str, Any]:
+              progress: Progress = _no_progress, peer_url: str | None = None) -> dict[str, Any]:
     if size < 8:
         raise SystemExit("cluster bench: --size must be at least 8 (the timestamp)")
     procs = max(1, min(procs, pairs))
     pairs_per_agent = split(pairs, procs)
     with Agents(procs, target.url, fast_start=fast_start) as agents:
         progress("connecting", 0, 2 * pairs, "")
-        if placement in ("same-worker", "cross-worker") and target.cluster is not None:
+        if peer_url:
+            # cross-node: the first end of every pair on target.url, the second on another node
+            firsts = agents.call_all("connect", [{"count": n} for n in pairs_per_agent])
+            seconds_ = agents.call_all("connect", [{"count": n, "url": peer_url} for n in pairs_per_agent])
+            agent_pairs = [list(zip(firsts[i], seconds_[i], strict=True)) for i in range(procs)]
+            layout = []
+            placement = "cross-node"
+        elif placement in ("same-worker", "cross-worker") and target.cluster is not None:
             agent_pairs, layout = pin_pairs(agents, target.cluster, pairs_per_agent, placement, progress)
         else:
             ids = agents.call_all("connect", [{"count": 2 * n} for n in pairs_per_agent])
