@@ -402,13 +402,20 @@ class WorkerMesh:
                 self.transport.send_control(("seed", seed), message)
         for peer in self.peers.values():
             limit = self.dead_after if peer.owner.node == self.owner.node else self.node_dead_after
-            if peer.alive and now - peer.last_heard > limit:
+            if now - peer.last_heard <= limit:
+                continue
+            if peer.alive:
                 peer.alive = False
                 self.deaths += 1
                 log.warning("mesh peer %s/%d silent for %.1fs: dropping its keys", peer.owner.node,
                             peer.owner.worker, now - peer.last_heard)
-                if peer.incarnation:
-                    self._mark_dead(peer)
+            # Also a member we only ever heard of through others (its keys came in a third party's
+            # repair) must not keep its keys forever once it stays silent.
+            known = self.directory.known_incarnation(peer.owner) or 0
+            incarnation = max(peer.incarnation, known)
+            if incarnation and self.dead_marks.get(peer.owner, 0) < incarnation:
+                peer.incarnation = incarnation
+                self._mark_dead(peer)
 
     def stats(self) -> dict[str, Any]:
         return {

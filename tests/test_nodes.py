@@ -227,3 +227,27 @@ async def test_status_shows_nodes(tmp_path: Path) -> None:
 
 
 _ = (DerpClientError, RecvPacket)
+
+
+async def test_keys_of_a_member_heard_of_only_through_others_leave_when_it_goes_silent(tmp_path: Path) -> None:
+    """Right after a join, a's workers may hold b's keys from a third party's repair before they
+    ever heard b's worker itself; when b then goes silent those keys must still leave."""
+    secret = keygen(tmp_path)
+    with ExitStack() as stack:
+        a = stack.enter_context(Node("a", 901, secret=secret, dead_after=2.0))
+        b = stack.enter_context(Node("b", 902, secret=secret, join=[a], dead_after=2.0))
+        clients = await asyncio.gather(*(DerpClient.connect(b.url) for _ in range(4)))
+        try:
+            await await_until(lambda: a.dir_sizes() == [4, 4], timeout=15, what="a to learn b's keys")
+            pids = _node_pids(b)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                await await_until(lambda: a.dir_sizes() == [0, 0], timeout=15, what="b's keys to leave a")
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            await await_until(lambda: a.dir_sizes() == [4, 4] and b.dir_sizes() == [4, 4], timeout=20,
+                              what="the partition to heal")
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
