@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 from collections.abc import Generator
 
@@ -23,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from relay_worker.http_app import CHALLENGE_RE, NO_CACHE
+from relay_worker.http_app import generate_204
 from relay_worker.server import make_listen_socket
 
 from .config import Config, ConfigError
+from .ports import check_port_free
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -51,15 +51,8 @@ def check_http_port(config: Config) -> None:
     if port == config.listen_addr[1]:
         raise ConfigError(f"server.http_port (--http-port): {port} is the DERP port too; pick another "
                           "(usually 80) or -1 for off")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
-            raise ConfigError(f"server.http_port (--http-port): {host}:{port} {what}; "
-                              "free it, pick another port, or -1 for off") from exc
+    check_port_free(host, port, setting="server.http_port (--http-port)",
+                    fix="free it, pick another port, or -1 for off")
 
 
 def open_http_port(config: Config) -> socket.socket | None:
@@ -72,13 +65,6 @@ def open_http_port(config: Config) -> socket.socket | None:
 
 def build_port80_app(hostname: str, https_port: int) -> Starlette:
     """/generate_204 as on the DERP port; everything else points at the HTTPS address."""
-
-    async def generate_204(request: Request) -> Response:
-        headers = {"Cache-Control": NO_CACHE}
-        challenge = request.headers.get("x-tailscale-challenge", "")
-        if challenge and CHALLENGE_RE.match(challenge):
-            headers["X-Tailscale-Response"] = "response " + challenge
-        return Response(status_code=204, headers=headers)
 
     async def to_https(request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):

@@ -8,7 +8,6 @@ RUN_DIR/supervisor.json for `cluster status`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Any, TextIO
 
 from .config import Config, ConfigError
 from .http_port import check_http_port
+from .ports import check_port_free
 from .tls import check_tls_config
 
 RESTART_BACKOFF_MIN = 0.5
@@ -45,37 +45,6 @@ class WorkerSlot:
 
     def public(self) -> dict[str, Any]:
         return {name: value for name, value in asdict(replace(self, process=None)).items() if name != "process"}
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail early, with one line, when something (another cluster included) holds the DERP port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"server.listen (--listen): {host}:{port} is already in use; "
-                                  "stop what holds it or pick another port") from exc
-            raise ConfigError(f"server.listen (--listen): cannot bind {host}:{port}: {exc.strerror}") from exc
-
-
-def check_udp_port_free(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"stun.listen (--stun): udp {host}:{port} is unavailable ({exc.strerror}); "
-                              "pick another port or --no-stun") from exc
-
-
-def pick_free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 class Supervisor:
@@ -104,7 +73,8 @@ class Supervisor:
             self.say(tls_note)
         stun = self.config.stun_addr
         if stun is not None:
-            check_udp_port_free(*stun)
+            check_port_free(*stun, setting="stun.listen (--stun)", kind=socket.SOCK_DGRAM,
+                            fix="pick another port or --no-stun")
         mesh = self.config.mesh_addr
         if mesh is not None:
             for index in range(len(self.slots)):

@@ -57,6 +57,15 @@ def admin_allowed(request: Request, token: str) -> bool:
     return hmac.compare_digest(presented.encode(), token.encode())
 
 
+async def generate_204(request: Request) -> Response:
+    """Captive-portal check (also served on the plain-HTTP port): 204, and the challenge answered."""
+    headers = {"Cache-Control": NO_CACHE}
+    challenge = request.headers.get("x-tailscale-challenge", "")
+    if challenge and CHALLENGE_RE.match(challenge):
+        headers["X-Tailscale-Response"] = "response " + challenge
+    return Response(status_code=204, headers=headers)
+
+
 def build_app(
     relay: Relay,
     *,
@@ -69,13 +78,6 @@ def build_app(
 
     async def robots(request: Request) -> Response:
         return PlainTextResponse("User-agent: *\nDisallow: /\n")
-
-    async def generate_204(request: Request) -> Response:
-        headers = {"Cache-Control": NO_CACHE}
-        challenge = request.headers.get("x-tailscale-challenge", "")
-        if challenge and CHALLENGE_RE.match(challenge):
-            headers["X-Tailscale-Response"] = "response " + challenge
-        return Response(status_code=204, headers=headers)
 
     async def probe(request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
