@@ -114,7 +114,9 @@ class Supervisor:
                "--incarnation", str(int(time.time() * 1000) * 100 + slot.incarnation % 100),
                "--settings", self.settings_json()]
         env = dict(os.environ, **self.extra_env)
-        slot.process = subprocess.Popen(cmd, env=env, start_new_session=False)
+        # A worker ignores SIGHUP until its own handler (reload the allow-keys file) is installed, so
+        # a reload signal forwarded while it is still importing cannot kill it.
+        slot.process = subprocess.Popen(cmd, env=env, start_new_session=False, preexec_fn=_ignore_sighup)
         slot.pid = slot.process.pid
         slot.started = time.time()
         self.write_state()
@@ -242,6 +244,10 @@ class Supervisor:
         tmp = self.run_dir / "supervisor.json.tmp"
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.run_dir / "supervisor.json")
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _admin_socket_answers(path: Path) -> bool:

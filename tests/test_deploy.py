@@ -45,18 +45,6 @@ DOCUMENTED_ENV = ("DERP_DOMAIN", "DERP_CERT_MODE", "DERP_CERT_DIR", "DERP_ADDR",
 ENV_SETTING = {s.env: s for s in SETTINGS if s.env}
 
 
-def _tls_wired() -> bool:
-    # cluster/tls.py is wired into the worker and the supervisor by the lead; until then the
-    # end-to-end TLS tests below are expected to fail (and say why).
-    worker = (ROOT / "cluster" / "worker_main.py").read_text()
-    supervisor = (ROOT / "cluster" / "supervisor.py").read_text()
-    return "build_ssl_context" in worker and "check_tls_config" in supervisor
-
-
-awaiting_wiring = pytest.mark.xfail(not _tls_wired(), reason="awaiting wiring of cluster.tls into "
-                                    "cluster/worker_main.py and cluster/supervisor.py", strict=False)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 
@@ -120,7 +108,6 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@awaiting_wiring
 async def test_manual_certs_serve_verified_tls_and_relay(tmp_path: Path, ca: trustme.CA) -> None:
     certdir = tmp_path / "certs"
     write_cert(ca, certdir)
@@ -130,7 +117,6 @@ async def test_manual_certs_serve_verified_tls_and_relay(tmp_path: Path, ca: tru
         assert any(f"https://{HOST}:{node.port}/derp" in line for line in node.output)
 
 
-@awaiting_wiring
 @pytest.mark.parametrize("names", [("server.crt", "server.key"), (f"{HOST}.pem", f"{HOST}.key"), ()])
 def test_misnamed_certs_fail_at_start_with_expected_paths(tmp_path: Path, ca: trustme.CA,
                                                           names: tuple[str, ...]) -> None:
@@ -155,7 +141,6 @@ def test_misnamed_certs_fail_at_start_with_expected_paths(tmp_path: Path, ca: tr
         node.tmp.cleanup()
 
 
-@awaiting_wiring
 async def test_replaced_cert_is_served_without_restart(tmp_path: Path) -> None:
     first_ca, second_ca = trustme.CA(), trustme.CA()
     certdir = tmp_path / "certs"
@@ -356,7 +341,6 @@ class ImageProcess(ClusterProcess):
         return cluster_bin() + argv[1:]
 
 
-@awaiting_wiring
 async def test_image_entrypoint_and_healthcheck_with_compose_env(tmp_path: Path, ca: trustme.CA) -> None:
     certdir = tmp_path / "certs"
     write_cert(ca, certdir)

@@ -59,8 +59,8 @@ def test_harness_finds_nothing_in_a_bounded_run(harness: str, tmp_path: Path) ->
 #: replayed through the harness on every test run
 REGRESSIONS: dict[str, list[bytes]] = {
     "fuzz_frames": [
-        b"[" * 5000,  # deep JSON as a ClientInfo plaintext (tolerated as a known bug; see below)
-        b'{"version":[]}',  # as a ServerInfo payload (known bug; see below)
+        b"[" * 5000,  # deep JSON as a ClientInfo plaintext (a fixed bug; see below)
+        b'{"version":[]}',  # as a ServerInfo payload (a fixed bug; see below)
         bytes([0, 1, 1, 1, 1]) + F.frame_header(F.SEND_PACKET, 0xFFFFFFFF),  # 4 GiB length, 1-byte chunks
         bytes([3, 255, 255, 255, 255]) + F.frame_header(F.PING, 1),  # limit 0: any payload is over it
     ],
@@ -93,7 +93,7 @@ def test_frames_harness_checks_something() -> None:
         fuzz_frames.F.FrameParser = original  # type: ignore[misc]
 
 
-# -- bugs found while building the harnesses (strict xfail until fixed) ---------------------------------
+# -- bugs found while building the harnesses (fixed; regression tests) ----------------------------------
 
 SERVER = PrivateKey(bytes(range(1, 33)))
 CLIENT = PrivateKey(bytes(range(33, 65)))

@@ -189,8 +189,6 @@ async def test_sighup_to_the_supervisor_reloads_the_allow_keys_file_on_every_wor
             await b.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a SIGHUP forwarded to a worker that has not yet installed its handler "
-                                       "(still importing) kills it; during start-up `cluster up` then exits 1")
 def test_sighup_to_the_supervisor_while_workers_start_does_not_kill_them() -> None:
     """A reload sent right after start (a config-management run, logrotate) must not stop the node.
     The supervisor forwards SIGHUP to every worker process at once; a worker only handles it from
