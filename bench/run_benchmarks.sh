@@ -93,5 +93,12 @@ start_cluster 1 idle
 bench idle idle --clients "$IDLE" --concurrency 256
 stop_cluster
 
+# 5. One pair (exactly 2 clients) on one fresh worker: what a single sender/receiver pair gets.
+start_cluster 1 one-pair
+for round in $(seq "$ROUNDS"); do
+    bench "one_pair_$round" relay --pairs 1 --size 1200 --window 32 --seconds "$SECS"
+done
+stop_cluster
+
 echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
 echo "results in $OUT; summary: $PY bench/summarize.py $OUT"

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Turn a bench/run_benchmarks.sh results directory into the Markdown table of docs/BENCHMARKS.md.
 
-    python bench/summarize.py bench/results/20261127-2140
+    python bench/summarize.py bench/results/20261127-2140 [--before bench/results/OLDER]
+
+With --before, also print a before/after table of the headline figures of the two directories.
 
 Generated rather than copied by hand, so the document's figures are exactly the JSON's.
 """
@@ -44,8 +46,89 @@ def median_of(runs: list[dict[str, Any]], pick: Any) -> float:
     return statistics.median(pick(r) for r in runs)
 
 
+def relay_medians(out: Path) -> dict[str, dict[str, float]]:
+    """scenario -> median packets/s, CPU µs/packet and p99 µs of that directory's relay runs."""
+    rows: dict[str, dict[str, float]] = {}
+    same = load(out, "same_worker_vs_floor")
+    if same is not None:
+        rows["1 worker, same-worker"] = same["median"]
+        floors = (("floor", "floor relay, coalesced writes"), ("floor_per_frame", "floor relay, per-frame writes"))
+        for key, label in floors:
+            if key in same:
+                rows[label] = same[key]["median"]
+    light = load(out, "light_load")
+    if light is not None:
+        rows["1 worker, same-worker, window 1"] = {"packets_per_sec": light["packets_per_sec"],
+                                                   "server_cpu_us_per_packet": light["server_cpu_us_per_packet"],
+                                                   "latency_p99_us": light["latency_us"]["p99"]}
+    for kind, label in (("same", "2 workers, same-worker"), ("cross", "2 workers, cross-worker")):
+        runs = [r for r in (load(out, f"two_workers_{kind}_{i}") for i in range(1, 20)) if r is not None]
+        if runs:
+            rows[label] = {"packets_per_sec": median_of(runs, lambda r: r["packets_per_sec"]),
+                           "server_cpu_us_per_packet": median_of(runs, lambda r: r["server_cpu_us_per_packet"]),
+                           "latency_p99_us": median_of(runs, lambda r: r["latency_us"]["p99"])}
+    return rows
+
+
+def before_after(before: Path, after: Path) -> None:
+    """Headline figures of two results directories side by side (medians, as the targets use)."""
+    b_rows, a_rows = relay_medians(before), relay_medians(after)
+    print("| scenario | packets/s before | packets/s after | CPU µs/pkt before | CPU µs/pkt after | "
+          "p99 ms before | p99 ms after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, a in a_rows.items():
+        b = b_rows.get(label)
+        if b is None:
+            continue
+        print(f"| {label} | {num(b['packets_per_sec'])} | {num(a['packets_per_sec'])} "
+              f"({a['packets_per_sec'] / b['packets_per_sec']:.1f}x) | "
+              f"{num(b['server_cpu_us_per_packet'], '.2f')} | {num(a['server_cpu_us_per_packet'], '.2f')} "
+              f"({a['server_cpu_us_per_packet'] / b['server_cpu_us_per_packet']:.2f}x) | "
+              f"{ms(b['latency_p99_us'])} | {ms(a['latency_p99_us'])} |")
+    b_same, a_same = load(before, "same_worker_vs_floor"), load(after, "same_worker_vs_floor")
+    if b_same is not None and a_same is not None:
+        print(f"| same-worker / coalesced floor (same run) | {b_same['ratio']['packets_per_sec']:.2f}x | "
+              f"{a_same['ratio']['packets_per_sec']:.2f}x | {b_same['ratio']['cpu_us_per_packet']:.2f}x | "
+              f"{a_same['ratio']['cpu_us_per_packet']:.2f}x | | |")
+    b_c, a_c = load(before, "connect"), load(after, "connect")
+    if b_c is not None and a_c is not None:
+        print()
+        print("| handshakes, 1 worker, verification off | before | after |")
+        print("|---|---:|---:|")
+        print(f"| handshakes/s per worker (measured) | {num(b_c['handshakes_per_sec_per_worker'])} | "
+              f"{num(a_c['handshakes_per_sec_per_worker'])} |")
+        print(f"| server CPU µs per handshake | {num(b_c['server_cpu_us_per_handshake'])} | "
+              f"{num(a_c['server_cpu_us_per_handshake'])} |")
+        print(f"| handshakes per CPU-second | {num(b_c.get('handshakes_per_cpu_second'))} | "
+              f"{num(a_c.get('handshakes_per_cpu_second'))} |")
+        print(f"| handshake p99 ms (32 in flight) | {ms(b_c['handshake_latency_us']['p99'])} | "
+              f"{ms(a_c['handshake_latency_us']['p99'])} |")
+
+
+def one_pair(out: Path) -> None:
+    """1 worker, exactly 2 clients (1 pair), window 32: the median run of one_pair_*.json, if any."""
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("one_pair_*.json"))]
+    if not runs:
+        return
+    pick = sorted(runs, key=lambda r: r["packets_per_sec"])[len(runs) // 2]
+    low = min(r["packets_per_sec"] for r in runs)
+    high = max(r["packets_per_sec"] for r in runs)
+    print(f"One pair (1 worker, 2 clients, {pick['size']} B, window {pick['window']}): "
+          f"**{pick['packets_per_sec']:,.0f} packets/s** ({pick['mbit_per_sec']:,.0f} Mbit/s), median run of "
+          f"{len(runs)} (range {low:,.0f}-{high:,.0f}); server {num(pick['server_cpu_percent'])}% CPU, "
+          f"{num(pick['server_cpu_us_per_packet'], '.2f')} µs/pkt, p50 {ms(pick['latency_us']['p50'])} ms / "
+          f"p99 {ms(pick['latency_us']['p99'])} ms, {pick['drops']:,} drops.")
+    print()
+
+
 def main() -> None:
-    out = Path(sys.argv[1])
+    args = sys.argv[1:]
+    before_dir: Path | None = None
+    if "--before" in args:
+        at = args.index("--before")
+        before_dir = Path(args[at + 1])
+        del args[at : at + 2]
+    out = Path(args[0])
     print((out / "machine.txt").read_text().strip().replace("\n", "  \n"))
     print()
     print("| scenario | packets/s | Mbit/s | p50 ms | p99 ms | p99.9 ms | server CPU µs/pkt | server CPU % | "
@@ -120,10 +203,14 @@ def main() -> None:
         targets.append((f"{idle['clients']:,} idle clients <= 16 KiB RSS each, all relay",
                         idle["rss_per_client_kib"] <= 16 and idle["relay_delivered"] == idle["clients"],
                         f"{idle['rss_per_client_kib']:.2f} KiB, {idle['relay_delivered']:,}/{idle['clients']:,} relay"))
+    one_pair(out)
     print("| target | status | measured |")
     print("|---|---|---|")
     for name, ok, measured in targets:
         print(f"| {name} | {verdict(ok)} | {measured} |")
+    if before_dir is not None:
+        print()
+        before_after(before_dir, out)
 
 
 if __name__ == "__main__":
