@@ -29,16 +29,24 @@ class WireError(ValueError):
     """A mesh message is malformed; it is dropped and counted, never delivered."""
 
 
+def packet_head(dst: bytes, src: bytes, length: int) -> bytes:
+    """The 68-byte head of one packet record; the payload follows it in the batch."""
+    return _PKT_HEAD.pack(dst, src, length)
+
+
 def packet_record(dst: bytes, src: bytes, payload: bytes) -> bytes:
     return _PKT_HEAD.pack(dst, src, len(payload)) + payload
 
 
-def build_packets(records: list[bytes]) -> bytes:
-    return b"\x01" + b"".join(records)
+def build_packets(parts: list[bytes | memoryview]) -> bytes:
+    """One PACKETS message from records, or from heads and payloads given as separate parts."""
+    return b"\x01" + b"".join(parts)
 
 
-def iter_packets(message: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """Yield (dst, src, payload) from a PACKETS message; raise WireError on a malformed batch."""
+def iter_packets(message: bytes | memoryview) -> Iterator[tuple[bytes, bytes, memoryview]]:
+    """Yield (dst, src, payload) from a PACKETS message; raise WireError on a malformed batch.
+
+    Payloads are zero-copy views into the message, valid while the caller holds the message."""
     view = memoryview(message)
     pos = 1
     end = len(message)
@@ -50,7 +58,7 @@ def iter_packets(message: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         pos += PKT_HEAD_LEN
         if length > MAX_PACKET or pos + length > end:
             raise WireError(f"packet record of {length} bytes overruns the batch")
-        yield dst, src, bytes(view[pos : pos + length])
+        yield dst, src, view[pos : pos + length]
         pos += length
 
 

@@ -146,7 +146,7 @@ class WorkerMesh:
         if owner is None or owner == self.owner:
             derper = self.foreign.get(dst)
             return derper is not None and derper.forward(src, dst, packet)
-        if not self.transport.queue_packet(owner, wire.packet_record(dst, src, packet)):
+        if not self.transport.queue_packet(owner, wire.packet_head(dst, src, len(packet)), packet):
             self.unroutable += 1
             return False
         return True

@@ -281,8 +281,8 @@ class Relay:
         Returns how many records were malformed-free and handled; raises what the iterator raises."""
         active = self.active
         batches: dict[DerpServerConn, list[bytes | memoryview]] = {}
-        pairs: set[tuple[bytes, bytes]] = set()
         count = dropped = 0
+        last_src = last_dst = b""
         try:
             for dst, src, packet in records:
                 count += 1
@@ -296,15 +296,16 @@ class Relay:
                     batches[conn] = [header, src, packet]
                 else:
                     parts += (header, src, packet)
-                pairs.add((src, dst))
+                # a batch holds runs of one sender's window to one receiver: note each pair once a run
+                if src != last_src or dst != last_dst:
+                    self.note_delivery(src, dst)
+                    last_src, last_dst = src, dst
         finally:
             self.stats.packets_forwarded_in += count
             if dropped:
                 self.stats.drop("unknown_dest_on_fwd", dropped)
             for conn, parts in batches.items():
                 conn.deliver_parts(parts)
-            for src, dst in pairs:
-                self.note_delivery(src, dst)
         return count
 
     def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> None:
