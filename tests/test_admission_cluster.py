@@ -34,6 +34,7 @@ from tests.test_admission import (
     _count,
     _flood,
     _http_get,
+    connect_burst,
     connect_expect_refused,
     handshake_with_early_packet,
     round_trip,
@@ -244,26 +245,13 @@ async def test_client_over_its_rate_is_held_to_it_and_others_are_unaffected() ->
 
 async def test_accept_burst_beyond_the_limit_is_refused_quickly() -> None:
     async with cluster_up("--accept-connection-limit", "1", "--accept-connection-burst", "5") as cluster:
-
-        async def attempt() -> tuple[bool, float]:
-            started = time.monotonic()
-            try:
-                answer = await _http_get(cluster.port, "/generate_204", timeout=5)
-            except (ConnectionResetError, BrokenPipeError):
-                answer = b""
-            return answer.startswith(b"HTTP/1.1 204"), time.monotonic() - started
-
-        burst_started = time.monotonic()
-        results = await asyncio.gather(*(attempt() for _ in range(20)))
-        refill = int(time.monotonic() - burst_started) + 1  # tokens that may come back during the burst
-        served = [t for ok, t in results if ok]
-        refused = [t for ok, t in results if not ok]
-        assert 5 <= len(served) <= 5 + refill, results
+        served, refused, refill = await connect_burst(cluster.port, 20)
+        assert 5 <= len(served) <= 5 + refill, (served, refused)
         assert max(refused) < 2.0, "refusals are an immediate abort, not a hang"
         # the admin unix socket is exempt, so the operator still sees the counter
         assert worker_doc(cluster)["worker"]["accept_rate_limited"] == len(refused)
         deadline = time.monotonic() + 5
-        while not (await attempt())[0]:
+        while not (await connect_burst(cluster.port, 1))[0]:
             assert time.monotonic() < deadline, "never served again after the burst"
             await asyncio.sleep(0.2)
 
