@@ -193,6 +193,8 @@ def test_second_cluster_on_a_busy_port_fails_with_one_line() -> None:
 
 def test_startup_prints_url_workers_and_derpmap_snippet() -> None:
     with ClusterProcess(workers=2) as cluster:
+        # the announcement is several lines; start() returns once the first one is read
+        wait_until(lambda: "derpMap node:" in cluster.log(), timeout=10, what="the derpMap line")
         text = cluster.log()
         assert f"http://127.0.0.1:{cluster.port}/derp with 2 workers" in text
         assert '"DERPPort": ' + str(cluster.port) in text
