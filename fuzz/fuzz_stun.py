@@ -91,17 +91,9 @@ def seeds() -> list[bytes]:
 
 
 def main(argv: list[str]) -> None:
-    if "--seed-corpus" in argv:
-        at = argv.index("--seed-corpus")
-        corpus = Path(argv[at + 1])
-        corpus.mkdir(parents=True, exist_ok=True)
-        for index, seed in enumerate(seeds()):
-            (corpus / f"seed-{index:02d}").write_bytes(seed)
-        argv = argv[:at] + argv[at + 2 :]
-    import atheris
+    from fuzz._harness import run
 
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
+    run(argv, one_input, seeds)
 
 
 if __name__ == "__main__":

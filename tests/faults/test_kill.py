@@ -35,6 +35,15 @@ def _check_unaffected_lost_nothing(traffic: PairTraffic) -> int:
     return len(flows) // 2
 
 
+async def _observe_after_fault(traffic: PairTraffic, fault_at: float) -> tuple[dict[str, int], list[float], int]:
+    """Let traffic run on after the fault, drain it, and return (totals, resume times of the
+    affected pairs, number of unaffected pairs, each checked to have lost nothing)."""
+    await asyncio.sleep(RUN_AFTER)  # traffic keeps running: the observation window after the fault
+    await traffic.stop_sending()
+    await traffic.drain()
+    return traffic.totals(), traffic.resume_times(fault_at), _check_unaffected_lost_nothing(traffic)
+
+
 async def test_kill_9_worker_while_50_pairs_relay() -> None:
     with ClusterProcess(workers=2) as cluster:
         traffic = PairTraffic([([cluster.url], [cluster.url]) for _ in range(PAIRS)])
@@ -47,12 +56,7 @@ async def test_kill_9_worker_while_50_pairs_relay() -> None:
             on_victim_before = cluster.varz(0)["worker"]["current_connections"]
             fault_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            await asyncio.sleep(RUN_AFTER)
-            await traffic.stop_sending()
-            await traffic.drain()
-            totals = traffic.totals()
-            resumed = traffic.resume_times(fault_at)
-            unaffected_pairs = _check_unaffected_lost_nothing(traffic)
+            totals, resumed, unaffected_pairs = await _observe_after_fault(traffic, fault_at)
             drops = drops_by_reason([cluster])
             report("kill -9 worker", pairs=PAIRS, clients_on_victim=on_victim_before,
                    affected_pairs=len(resumed), unaffected_pairs=unaffected_pairs,
@@ -86,12 +90,7 @@ async def test_kill_9_node_while_pairs_relay_across_nodes() -> None:
             fault_at = time.monotonic()
             for pid in [b.proc.pid, *b.worker_pids()]:
                 os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(RUN_AFTER)
-            await traffic.stop_sending()
-            await traffic.drain()
-            totals = traffic.totals()
-            resumed = traffic.resume_times(fault_at)
-            unaffected_pairs = _check_unaffected_lost_nothing(traffic)
+            totals, resumed, unaffected_pairs = await _observe_after_fault(traffic, fault_at)
             await await_until(lambda: a.dir_sizes() == [100, 100], timeout=10,
                               what="node a to hold every key once b's clients failed over")
             drops = drops_by_reason([a])
