@@ -2,7 +2,10 @@ module derpcluster/interop
 
 go 1.26.6
 
-require tailscale.com v1.102.5
+require (
+	gopkg.in/yaml.v3 v3.0.1
+	tailscale.com v1.102.5
+)
 
 require (
 	9fans.net/go v0.0.8-0.20250307142834-96bdba94b63f // indirect

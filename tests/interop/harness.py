@@ -20,9 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,31 +238,20 @@ class NamespacedCluster(ClusterProcess):
         return owners
 
 
-@dataclass
-class Relay:
-    """What a test needs of one of our nodes: its derpMap flags and the cluster."""
-
-    cluster: NamespacedCluster
-    flags: list[str]
+def derpmap_text(flags: Sequence[str], *extra: str) -> str:
+    """`cluster derpmap` with the flags the node runs with: the map the scenarios use, unedited."""
+    proc = subprocess.run([sys.executable, "-m", "cluster", "derpmap", *extra, *flags], capture_output=True,
+                          text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"cluster derpmap failed: {proc.stderr}")
+    return proc.stdout
 
 
 def derpmap(flags: Sequence[str], *, fmt: str = "tailscale") -> dict[str, Any]:
-    """`cluster derpmap` with the flags the node runs with: the map the scenarios use, unedited."""
-    argv = [sys.executable, "-m", "cluster", "derpmap", "--format", fmt, *flags]
-    if fmt == "headscale":
-        argv.append("--json")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise AssertionError(f"cluster derpmap failed: {proc.stderr}")
-    return json.loads(proc.stdout)
-
-
-def merge_maps(*maps: dict[str, Any]) -> dict[str, Any]:
-    """Several `cluster derpmap` outputs (one per region) as one map, as an operator pastes them."""
-    merged: dict[str, Any] = {"omitDefaultRegions": True, "Regions": {}}
-    for doc in maps:
-        merged["Regions"].update(doc["Regions"])
-    return merged
+    """The map as JSON: the policy file's derpMap, or (fmt="headscale") headscale's derp.urls shape."""
+    extra = ["--format", "headscale", "--json"] if fmt == "headscale" else []
+    doc: dict[str, Any] = json.loads(derpmap_text(flags, *extra))
+    return doc
 
 
 def write_json(path: Path, doc: Any) -> Path:
@@ -275,8 +262,13 @@ def write_json(path: Path, doc: Any) -> Path:
 class Control:
     """Tailscale's testcontrol, serving the given derpMap; /verify answers derper's admission protocol."""
 
-    def __init__(self, ns: NetNS, bins: Path, derp_map: dict[str, Any]) -> None:
-        map_file = write_json(ns.workdir / "control-derpmap.json", derp_map)
+    def __init__(self, ns: NetNS, bins: Path, derp_map: dict[str, Any] | str) -> None:
+        """derp_map: a JSON document, or headscale's YAML text (tscontrol decodes it as headscale does)."""
+        if isinstance(derp_map, str):
+            map_file = ns.workdir / "control-derpmap.yaml"
+            map_file.write_text(derp_map)
+        else:
+            map_file = write_json(ns.workdir / "control-derpmap.json", derp_map)
         self.proc = ns.start([bins / "tscontrol", "-listen", "127.0.0.1:0", "-derpmap", map_file], name="tscontrol")
         self.url = self.proc.wait_line(r"^control (http://\S+)").group(1)
 
@@ -299,6 +291,33 @@ def tsnet_pairs(ns: NetNS, bins: Path, control: Control, *, pairs: int, size: in
     return results
 
 
+class Tailscaled:
+    """One tailscaled in the namespace, logged into the test's control server."""
+
+    def __init__(self, ns: NetNS, bins: Path, name: str, env: dict[str, str]) -> None:
+        self.ns, self.bins, self.name = ns, bins, name
+        self.dir = ns.workdir / f"tailscaled-{name}"
+        self.dir.mkdir()
+        self.socket = self.dir / "tailscaled.sock"
+        self.env = env
+        self.proc: Proc = ns.start([bins / "tailscaled", "--tun=userspace-networking", f"--statedir={self.dir}",
+                                    f"--socket={self.socket}", "--port=0"], env=env, name=f"tailscaled-{name}")
+        wait_until(self.socket.exists, timeout=30, what=f"tailscaled {name} socket")
+
+    def cli(self, *args: str, timeout: float = 60.0, check: bool = True, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return self.ns.run([self.bins / "tailscale", f"--socket={self.socket}", *args], env=env or self.env,
+                           timeout=timeout, check=check)
+
+    def up(self, control: Control) -> str:
+        self.cli("up", f"--login-server={control.url}", f"--hostname={self.name}", "--timeout=60s", timeout=90)
+        return self.cli("ip", "-4").stdout.strip()
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
+        return doc
+
+
 @contextlib.contextmanager
 def workdir(prefix: str) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))
@@ -309,17 +328,3 @@ def workdir(prefix: str) -> Iterator[Path]:
             print(f"interop: kept {path}", file=sys.stderr)
         else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_port(ns: NetNS, port: int, timeout: float = 30.0) -> None:
-    """Until something listens on 127.0.0.1:port inside the namespace."""
-    code = "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1).close()"
-
-    def listening() -> bool:
-        return ns.run([sys.executable, "-c", code, str(port)], check=False, timeout=10).returncode == 0
-
-    deadline = time.monotonic() + timeout
-    while not listening():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing listens on 127.0.0.1:{port} in {ns.name}")
-        time.sleep(0.1)

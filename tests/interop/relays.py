@@ -133,11 +133,17 @@ def regions_config(where: Path, regions: dict[int, list[dict[str, object]]]) -> 
     """A TOML config whose [[regions]] describe the given nodes: what an operator feeds `cluster derpmap`."""
     lines: list[str] = []
     for region_id, nodes in regions.items():
-        lines += ["[[regions]]", f"region_id = {region_id}", f'code = "r{region_id}"', f'name = "Region {region_id}"', ""]
+        lines += ["[[regions]]", f"region_id = {region_id}", f'code = "r{region_id}"',
+                  f'name = "Region {region_id}"', ""]
         for node in nodes:
             lines.append("[[regions.nodes]]")
             for key, value in node.items():
-                lines.append(f"{key} = {value}" if isinstance(value, int) else f'{key} = "{value}"')
+                if isinstance(value, bool):
+                    lines.append(f"{key} = {'true' if value else 'false'}")
+                elif isinstance(value, int):
+                    lines.append(f"{key} = {value}")
+                else:
+                    lines.append(f'{key} = "{value}"')
             lines.append("")
     path = where / "regions.toml"
     path.write_text("\n".join(lines))

@@ -12,11 +12,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import trustme
 
-from tests.interop.harness import Control, NetNS, Proc, derpmap
+from tests.interop.harness import Control, NetNS, Tailscaled, derpmap
 from tests.interop.relays import OurNode
 from tests.support import free_port, wait_until
 
@@ -46,33 +45,6 @@ def expected_digest(size: int) -> str:
         digest.update(chunk)
         left -= len(chunk)
     return digest.hexdigest()
-
-
-class Tailscaled:
-    """One tailscaled in the namespace, logged into the test's control server."""
-
-    def __init__(self, ns: NetNS, bins: Path, name: str, env: dict[str, str]) -> None:
-        self.ns, self.bins, self.name = ns, bins, name
-        self.dir = ns.workdir / f"tailscaled-{name}"
-        self.dir.mkdir()
-        self.socket = self.dir / "tailscaled.sock"
-        self.env = env
-        self.proc: Proc = ns.start([bins / "tailscaled", "--tun=userspace-networking", f"--statedir={self.dir}",
-                                    f"--socket={self.socket}", "--port=0"], env=env, name=f"tailscaled-{name}")
-        wait_until(self.socket.exists, timeout=30, what=f"tailscaled {name} socket")
-
-    def cli(self, *args: str, timeout: float = 60.0, check: bool = True, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        return self.ns.run([self.bins / "tailscale", f"--socket={self.socket}", *args], env=env or self.env,
-                           timeout=timeout, check=check)
-
-    def up(self, control: Control) -> str:
-        self.cli("up", f"--login-server={control.url}", f"--hostname={self.name}", "--timeout=60s", timeout=90)
-        return self.cli("ip", "-4").stdout.strip()
-
-    def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
-        return doc
 
 
 def test_tailscaled_and_cli_through_our_node(ns: NetNS, bins: Path, ca: trustme.CA, ca_file: Path) -> None:

@@ -47,7 +47,7 @@ def placements(cluster: NamespacedCluster, results: list[dict[str, Any]]) -> set
 
 
 MODES = {
-    # mode: (TLS, environment, binaries)
+    # mode: (TLS, environment, binaries); plain HTTP takes the map in headscale's JSON form
     "tls": (True, {}, None),
     "plain-http": (False, {"TS_DEBUG_USE_DERP_HTTP": "1"}, None),
     "websocket": (True, {"TS_DEBUG_DERP_WS_CLIENT": "1"}, WS_BIN),
@@ -59,7 +59,7 @@ def test_tsnet_pairs_relay_through_two_workers(mode: str, ns: NetNS, bins: Path,
                                               ca_file: Path) -> None:
     tls, env, pair_bins = MODES[mode]
     cluster, flags = start_node(ns, tls=tls, ca=ca)
-    derp_map = derpmap(flags)
+    derp_map = derpmap(flags, fmt="tailscale" if tls else "headscale")
     region = int(next(iter(derp_map["Regions"])))
     control = Control(ns, bins, derp_map)
     env = {**env, "SSL_CERT_FILE": str(ca_file)}
@@ -74,3 +74,6 @@ def test_tsnet_pairs_relay_through_two_workers(mode: str, ns: NetNS, bins: Path,
         if covered == {"same-worker", "cross-worker"}:
             break
     assert covered == {"same-worker", "cross-worker"}, f"only {covered} in {MAX_BATCHES} batches"
+    if mode == "websocket":
+        logs = [path.read_bytes() for path in ns.workdir.glob("tsnet-*/*/tsnet.log")]
+        assert logs and all(b"connecting websocket to https://" in log for log in logs), "a node did not use WebSocket"

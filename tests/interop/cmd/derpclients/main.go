@@ -111,6 +111,7 @@ func main() {
 	size := flag.Int("size", 1200, "packet size")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline for the whole run")
 	verbose := flag.Bool("v", false, "log the DERP clients")
+	admission := flag.Bool("admission", false, "connect one fresh key to -a and report whether the relay admits it")
 	flag.Parse()
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
@@ -120,6 +121,10 @@ func main() {
 		logf = log.Printf
 	}
 	netMon := netmon.NewStatic()
+	if *admission {
+		checkAdmission(ctx, *urlA, netMon, logf)
+		return
+	}
 	var sideA, sideB []*client
 	for i := 0; i < *n; i++ {
 		a, err := newClient(ctx, *urlA, netMon, logf)
@@ -206,4 +211,26 @@ func main() {
 	if !sum.OK {
 		os.Exit(1)
 	}
+}
+
+// checkAdmission prints {"admitted": true} when the relay answers a fresh key's ClientInfo with
+// ServerInfo, and {"admitted": false} when it closes the connection instead.
+func checkAdmission(ctx context.Context, url string, netMon *netmon.Monitor, logf logger.Logf) {
+	cl, err := newClient(ctx, url, netMon, logf)
+	admitted := false
+	detail := ""
+	if err != nil {
+		detail = err.Error()
+	} else {
+		m, err := cl.c.Recv()
+		if err != nil {
+			detail = err.Error()
+		} else if _, ok := m.(derp.ServerInfoMessage); ok {
+			admitted = true
+		} else {
+			detail = fmt.Sprintf("first message %T", m)
+		}
+		cl.c.Close()
+	}
+	json.NewEncoder(os.Stdout).Encode(map[string]any{"admitted": admitted, "detail": detail})
 }

@@ -11,6 +11,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
+
+	"gopkg.in/yaml.v3"
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/tstest/integration/testcontrol"
@@ -18,7 +21,7 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on")
-	derpMapFile := flag.String("derpmap", "", "JSON file holding the tailcfg.DERPMap to hand out")
+	derpMapFile := flag.String("derpmap", "", "file holding the tailcfg.DERPMap to hand out: JSON, or headscale's YAML if named *.yaml")
 	verbose := flag.Bool("verbose", false, "log every control request")
 	flag.Parse()
 
@@ -27,8 +30,14 @@ func main() {
 		log.Fatalf("reading -derpmap: %v", err)
 	}
 	derpMap := new(tailcfg.DERPMap)
-	if err := json.Unmarshal(raw, derpMap); err != nil {
-		log.Fatalf("parsing -derpmap: %v", err)
+	if strings.HasSuffix(*derpMapFile, ".yaml") {
+		// headscale reads its derp.paths files this way: yaml.v3 straight into tailcfg.DERPMap
+		err = yaml.Unmarshal(raw, derpMap)
+	} else {
+		err = json.Unmarshal(raw, derpMap)
+	}
+	if err != nil || len(derpMap.Regions) == 0 {
+		log.Fatalf("parsing -derpmap: %v (%d regions)", err, len(derpMap.Regions))
 	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
