@@ -31,7 +31,7 @@ BIN = HERE / "bin"
 WS_BIN = BIN / "ws"
 TAILSCALE_MODULE = "tailscale.com"
 TAILSCALE_TOOLS = ("tailscaled", "tailscale", "derper", "derpprobe")
-OUR_TOOLS = ("tscontrol", "tsnetpair", "derpclients")
+OUR_TOOLS = ("tscontrol", "tsnetpair", "derpclients", "derpload")
 
 #: what every Tailscale program gets: no log uploads, no support traffic
 BASE_ENV = {"TS_NO_LOGS_NO_SUPPORT": "true", "TS_LOGS_DIR": "", "TS_DISABLE_UPNP": "true"}
@@ -68,7 +68,7 @@ def build_binaries() -> Path:
     pinned_version()
     _go_build(BIN, ["tool", "./cmd/..."])
     # The real DERP client over WebSocket: derphttp compiles it in only with this tag.
-    _go_build(WS_BIN, ["./cmd/tsnetpair", "./cmd/derpclients"], tags="ts_debug_websockets")
+    _go_build(WS_BIN, ["./cmd/tsnetpair", "./cmd/derpclients", "./cmd/derpload"], tags="ts_debug_websockets")
     missing = [name for name in (*TAILSCALE_TOOLS, *OUR_TOOLS) if not (BIN / name).exists()]
     if missing:
         raise InteropUnavailable(f"go build left no {', '.join(missing)} in {BIN}")
