@@ -5,9 +5,13 @@ Every worker of every node is a member. A worker's inbox listens on `ipc://RUN_D
 (its own node's workers use that) and, on a multi-node cluster, on `tcp://MESH_HOST:MESH_PORT+N`
 (other nodes use that, with CURVE). Members heartbeat to every member they know with their
 incarnation, their directory digest and their view of the membership, so a node joining through
-any seed learns everyone. A member silent for `dead_after` (longer across nodes than within one)
-is declared dead and its keys leave the directory; a member that learns it was declared dead (a
-healed partition) takes a new incarnation and republishes its keys, and is welcomed back.
+any seed learns everyone. Each member's liveness thread (mesh.liveness) also pulses every member,
+so a member whose loop is busy is told from a dead one: a member silent for `dead_after` (longer
+across nodes than within one) that does not pulse either, or whose loop stays silent for
+`busy_grace` more, is declared dead and its keys leave the directory; a member that learns it was
+declared dead (a healed partition) takes a new incarnation and republishes its keys, and is
+welcomed back. Every tick renews the leases of our own keys and collects what fell behind the
+directory's horizon (docs/MESH.md, "Horizon").
 
 Packets go straight to the owning worker on whichever node it is: one ZeroMQ hop, no ingress
 process in between, batched per peer per loop iteration.
@@ -27,6 +31,7 @@ from relay_worker.relay import Relay
 from . import wire
 from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
+from .liveness import BUSY, DEAD, PULSE, LoopMonitor, Pulser, verdict
 from .transport import CurveKeys, MeshTransport
 
 log = logging.getLogger("mesh.worker")
@@ -47,6 +52,9 @@ class PeerState:
     alive: bool = False
     last_repair: float = 0.0
     ever_heard: bool = False
+    last_pulse: float = 0.0  # from its liveness thread (mesh.liveness)
+    pulse_silent_ms: int = 0  # how long its loop had been silent, as its last pulse said
+    busy: bool = False  # its loop is silent but its process pulses: keys kept (see tick)
 
 
 @dataclass
@@ -73,13 +81,24 @@ class WorkerMesh:
         node_dead_after: float = 10.0,
         curve: CurveKeys | None = None,
         context: Any = None,
+        horizon: float = 120.0,
+        busy_grace: float = 30.0,
     ) -> None:
         self.relay = relay
         self.owner = owner
         self.incarnation = incarnation
         self.region = region
-        self.directory = Directory(owner, incarnation)
+        #: records older than this are collected and refused (docs/MESH.md, "Horizon")
+        self.horizon = horizon
+        #: live entries are refreshed when older than this, well inside the horizon
+        self.refresh_after = horizon / 4
+        self.busy_grace = busy_grace
+        self.directory = Directory(owner, incarnation, horizon_ms=int(horizon * 1000))
         self.transport = MeshTransport(inbox, self._on_message, curve=curve, context=context)
+        self.loop_monitor = LoopMonitor(heartbeat)
+        self.pulser = Pulser(self.transport.context, lambda: (self.owner.node, self.owner.worker, self.incarnation),
+                             lambda: self.loop_monitor.silent_for(time.monotonic()), interval=heartbeat,
+                             busy_grace=busy_grace, curve=curve)
         self.ipc_endpoint = next((e for e in self.transport.bound if e.startswith("ipc://")), "")
         self.tcp_endpoint = advertise_tcp
         self.heartbeat = heartbeat
@@ -129,12 +148,15 @@ class WorkerMesh:
         self.transport.start(loop)
         self.relay.forwarder = self
         self._task = loop.create_task(self._heartbeat_loop())
+        self.loop_monitor.beat(time.monotonic())
+        self.pulser.start()
         for peer in self.derp_peers:
             peer.start()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        self.pulser.stop()
         for peer in self.derp_peers:
             await peer.close()
         self.transport.close()
@@ -258,6 +280,9 @@ class WorkerMesh:
                 self.bad_messages += 1
                 log.warning("dropping malformed packet batch: %s", exc)
             return
+        if kind == PULSE:
+            self._on_pulse(message)
+            return
         try:
             body = wire.parse_control(message)
             sender = Owner(wire.field(body, "node", str), wire.field(body, "worker", int))
@@ -346,6 +371,24 @@ class WorkerMesh:
             log.info("mesh peer %s/%d is up (incarnation %d)", sender.node, sender.worker, incarnation)
         return peer
 
+    def _on_pulse(self, message: bytes) -> None:
+        """A liveness-thread pulse: the member's process runs, whatever its loop is doing. Counts
+        only for the incarnation we know (joins and restarts are the heartbeats' business)."""
+        try:
+            body = wire.parse_control(message)
+            sender = Owner(wire.field(body, "node", str), wire.field(body, "worker", int))
+            incarnation = wire.field(body, "inc", int)
+            silent_ms = wire.field(body, "silent_ms", int)
+        except (wire.WireError, ValueError) as exc:
+            self.bad_messages += 1
+            log.warning("dropping malformed pulse: %s", exc)
+            return
+        peer = self.peers.get(sender)
+        if peer is None or incarnation != peer.incarnation or self.dead_marks.get(sender) == incarnation:
+            return
+        peer.last_pulse = time.monotonic()
+        peer.pulse_silent_ms = silent_ms
+
     def _mark_dead(self, peer: PeerState) -> None:
         self.dead_marks[peer.owner] = peer.incarnation
         self._apply_changes(self.directory.mark_dead(peer.owner, peer.incarnation))
@@ -387,12 +430,18 @@ class WorkerMesh:
 
     def tick(self) -> None:
         now = time.monotonic()
+        lag = self.loop_monitor.beat(now)
+        if lag > 1.0:
+            log.warning("mesh: this worker's loop ran %.1fs late", lag)
         if self.last_tick and now - self.last_tick > max(4 * self.heartbeat, 1.0):
             # Our own loop stalled (or the process was stopped): we cannot tell who went silent, so
             # give everyone a fresh grace period instead of declaring the whole cluster dead.
             for peer in self.peers.values():
                 peer.last_heard = now
+                peer.last_pulse = now
         self.last_tick = now
+        self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
+        self._renew_and_collect()
         message = self.heartbeat_message()
         for peer in self.peers:
             self.transport.send_control(peer, message)
@@ -402,8 +451,16 @@ class WorkerMesh:
                 self.transport.send_control(("seed", seed), message)
         for peer in self.peers.values():
             limit = self.dead_after if peer.owner.node == self.owner.node else self.node_dead_after
-            if now - peer.last_heard <= limit:
+            state = verdict(now, peer.last_heard, peer.last_pulse, limit, self.busy_grace)
+            if state != DEAD:
+                busy = state == BUSY
+                if busy and not peer.busy:
+                    log.warning("mesh peer %s/%d: loop silent for %.1fs but its process pulses: keeping its "
+                                "keys for up to %.0fs more", peer.owner.node, peer.owner.worker,
+                                now - peer.last_heard, self.busy_grace)
+                peer.busy = busy
                 continue
+            peer.busy = False
             if peer.alive:
                 peer.alive = False
                 self.deaths += 1
@@ -417,6 +474,17 @@ class WorkerMesh:
                 peer.incarnation = incarnation
                 self._mark_dead(peer)
 
+    def _renew_and_collect(self) -> None:
+        """Once per tick: renew our live entries' leases, collect what fell behind the horizon."""
+        directory = self.directory
+        now_ms = directory.clock.physical_ms()
+        delta = directory.refresh(now_ms, int(self.refresh_after * 1000), limit=CHUNK)
+        if delta:
+            self._broadcast_records(delta.entries)
+        changes = directory.collect(now_ms)
+        if changes:
+            self._apply_changes(changes)
+
     def stats(self) -> dict[str, Any]:
         return {
             "directory": {**self.directory.stats(), "size": len(self.directory)},
@@ -428,11 +496,16 @@ class WorkerMesh:
                 "bad_messages": self.bad_messages,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
+                "loop": self.loop_monitor.stats(),
+                "pulses_sent": self.pulser.sent,
+                "pulses_withheld": self.pulser.withheld,
+                "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
-                    "incarnation": p.incarnation, "endpoint": p.endpoint,
+                    "incarnation": p.incarnation, "endpoint": p.endpoint, "busy": p.busy,
+                    "last_pulse_ago": round(time.monotonic() - p.last_pulse, 2) if p.last_pulse else None,
                     "last_heard_ago": round(time.monotonic() - p.last_heard, 2) if p.ever_heard else None,
                     "keys": sum(1 for owner in self.directory.resolved.values() if owner == o),
                     "packets_out": link.packets_sent if (link := self.transport.peers.get(o)) else 0,

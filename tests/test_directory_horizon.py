@@ -236,3 +236,15 @@ def test_since_survives_the_wire() -> None:
 
     e = Entry(OWNERS[2], 1, 1, pack(20), True, True, since=pack(10))
     assert decode_entries(encode_entries([(KEYS[1], e)])) == [(KEYS[1], e)]
+
+
+def test_config_refuses_a_horizon_shorter_than_a_live_members_silence() -> None:
+    from cluster.config import ConfigError, load_config
+
+    ok = load_config(flags={"node.tombstone_horizon": 8.0, "node.busy_grace": 1.0, "node.dead_after": 3.0})
+    assert ok.node_tombstone_horizon == 8.0 and ok.node_busy_grace == 1.0
+    assert load_config().node_tombstone_horizon == 120.0  # default: 2 x (30 + 10) <= 120
+    for flags in ({"node.tombstone_horizon": 10.0}, {"node.busy_grace": -1.0},
+                  {"node.busy_grace": 60.0}, {"node.dead_after": 60.0}):
+        with pytest.raises(ConfigError, match="tombstone_horizon"):
+            load_config(flags=flags)
