@@ -69,11 +69,13 @@ class LoopMonitor:
     max_lag: float = 0.0
     stalls: int = 0  # beats that came more than `stall_after` late
     stall_after: float = 1.0
+    beats: int = 0
 
     def beat(self, now: float) -> float:
         """The loop ran: returns how late this beat is (0 if on time, or the first one)."""
         lag = max(0.0, now - self.last_beat - self.interval) if self.last_beat else 0.0
         self.last_beat = now
+        self.beats += 1
         self.lag = lag
         if lag > self.max_lag:
             self.max_lag = lag
@@ -86,7 +88,8 @@ class LoopMonitor:
         return max(0.0, now - self.last_beat) if self.last_beat else 0.0
 
     def stats(self) -> dict[str, float]:
-        return {"lag": round(self.lag, 3), "max_lag": round(self.max_lag, 3), "stalls": self.stalls}
+        return {"lag": round(self.lag, 3), "max_lag": round(self.max_lag, 3), "stalls": self.stalls,
+                "beats": self.beats}
 
 
 class Pulser:

@@ -32,12 +32,15 @@ from . import wire
 from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
 from .liveness import BUSY, DEAD, PULSE, LoopMonitor, Pulser, verdict
+from .publish_gate import PublishGate
 from .transport import CurveKeys, MeshTransport
 
 log = logging.getLogger("mesh.worker")
 
 #: records per directory message, so a full repair never blocks the loop for long
 CHUNK = 4000
+#: a client key makes this worker gossip at most once per this many seconds (mesh.publish_gate)
+PUBLISH_INTERVAL = 1.0
 
 
 @dataclass
@@ -96,6 +99,8 @@ class WorkerMesh:
         self.directory = Directory(owner, incarnation, horizon_ms=int(horizon * 1000))
         self.transport = MeshTransport(inbox, self._on_message, curve=curve, context=context)
         self.loop_monitor = LoopMonitor(heartbeat)
+        self.publish_gate = PublishGate(PUBLISH_INTERVAL)
+        self.records_out = 0  # directory records gossiped (deltas, refreshes, corrections)
         self.pulser = Pulser(self.transport.context, lambda: (self.owner.node, self.owner.worker, self.incarnation),
                              lambda: self.loop_monitor.silent_for(time.monotonic()), interval=heartbeat,
                              busy_grace=busy_grace, curve=curve)
@@ -224,8 +229,19 @@ class WorkerMesh:
             del self.published[key]
             delta = self.directory.local_remove(key, current.pub_epoch)
         if delta:
-            self._queue_records(delta.entries)
+            if not present:
+                self.publish_gate.discard(key)  # a removal goes out at once
+                self._queue_records(delta.entries)
+            elif self.publish_gate.offer(key, time.monotonic()):
+                self._queue_records(delta.entries)
+            # else: the key gossiped less than PUBLISH_INTERVAL ago; the tick publishes its entry
             self._apply_changes(delta.changes)
+
+    def _publish_held(self, now: float) -> None:
+        keys = self.publish_gate.due(now)
+        if keys:
+            me = self.owner
+            self._queue_records([(key, e) for key in keys for e in self.directory.entries_for(key) if e.owner == me])
 
     def _queue_records(self, records: list[Record]) -> None:
         """Gather this loop iteration's local directory changes into one message per peer: a burst
@@ -241,7 +257,9 @@ class WorkerMesh:
         self._flush_scheduled = False
         records, self._outgoing = self._outgoing, []
         if records:
-            self._broadcast_records(records)
+            # one record per slot: a later write of this iteration supersedes an earlier one
+            latest = {(key, e.owner): (key, e) for key, e in records}
+            self._broadcast_records(list(latest.values()))
 
     # -- directory changes -> relay -----------------------------------------------------------------
 
@@ -259,6 +277,7 @@ class WorkerMesh:
             self._broadcast_records(corrections)
 
     def _broadcast_records(self, records: list[Record]) -> None:
+        self.records_out += len(records)
         for start in range(0, len(records), CHUNK):
             message = wire.build_control(wire.DIR_DELTA, self._envelope(
                 entries=encode_entries(records[start : start + CHUNK])))
@@ -442,6 +461,7 @@ class WorkerMesh:
         self.last_tick = now
         self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
         self._renew_and_collect()
+        self._publish_held(now)
         message = self.heartbeat_message()
         for peer in self.peers:
             self.transport.send_control(peer, message)
@@ -499,6 +519,10 @@ class WorkerMesh:
                 "loop": self.loop_monitor.stats(),
                 "pulses_sent": self.pulser.sent,
                 "pulses_withheld": self.pulser.withheld,
+                "records_out": self.records_out,
+                "gossip_held_writes": self.publish_gate.held_writes,
+                "gossip_gate_keys": len(self.publish_gate),
+                "gossip_held_keys": self.publish_gate.held,
                 "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,

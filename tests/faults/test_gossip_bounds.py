@@ -93,3 +93,46 @@ async def test_churned_keys_leave_every_directory_within_the_horizon_and_stay_go
             for client in held:
                 with contextlib.suppress(Exception):
                     await client.close()
+
+
+FLAP = 3000  # NotePreferred toggles, and packets alternating between duplicate connections
+DUPS = 4  # connections of one key: by pigeonhole at least two share one of the 2 workers
+
+
+async def test_one_client_flapping_its_entry_cannot_make_the_mesh_gossip_per_frame() -> None:
+    from mesh.publish_gate import PublishGate
+    from mesh.worker_mesh import PUBLISH_INTERVAL
+
+    burst = PublishGate(PUBLISH_INTERVAL).burst
+    with ClusterProcess(workers=2) as cluster:
+        key = PrivateKey.generate()
+        conns = [await DerpClient.connect(cluster.url, key, timeout=10) for _ in range(DUPS)]
+        dst = await DerpClient.connect(cluster.url, PrivateKey.generate(), timeout=10)
+        try:
+            await await_until(lambda: [d["size"] for d in directories(cluster)] == [2, 2], timeout=15,
+                              what="both workers to know both keys")
+            before = [doc["mesh"] for doc in cluster.all_varz()]
+            for i in range(FLAP):
+                conn = conns[i % DUPS]
+                await conn.note_preferred(i % 3 == 0)
+                await conn.send(dst.public_key, b"flap")
+                await asyncio.sleep(0.001)  # paced: one write per server loop iteration, not one batch
+            # the flood is over when the last write is in and every held one went out
+            await await_until(lambda: all(doc["mesh"]["gossip_held_keys"] == 0 for doc in cluster.all_varz()),
+                              timeout=15, what="held gossip to go out")
+            after = [doc["mesh"] for doc in cluster.all_varz()]
+            dirs = directories(cluster)
+            sent = [a["records_out"] - b["records_out"] for a, b in zip(after, before, strict=True)]
+            beats = [a["loop"]["beats"] - b["loop"]["beats"] for a, b in zip(after, before, strict=True)]
+            report("entry flapping", frames=2 * FLAP, records_out=sent, ticks=beats,
+                   held_writes=[a["gossip_held_writes"] for a in after], entries=[d["entries"] for d in dirs])
+            for n, ticks in zip(sent, beats, strict=True):
+                # one key: `burst` at once, then at most one per tick (ticks pace the held ones);
+                # + refreshes/corrections slack. The old code sent one record per write.
+                assert n <= burst + ticks + 4, f"{n} records gossiped for one key over {ticks} ticks"
+            # duplicates of one key occupy at most one slot per worker, however many connections
+            assert all(d["size"] == 2 and d["entries"] <= 1 + 2 for d in dirs), dirs
+        finally:
+            for client in [*conns, dst]:
+                with contextlib.suppress(Exception):
+                    await client.close()
