@@ -75,7 +75,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .hlc import HLC, MAX_STAMP, wall_ms_of
+from .hlc import COUNTER_BITS, COUNTER_MASK, HLC, MAX_STAMP, wall_ms_of
 
 KEY_LEN = 32
 DEFAULT_BUCKETS = 256
@@ -222,6 +222,8 @@ class Directory:
         self.stale_rejected = 0
         #: remote present entries that expired (their owner stopped refreshing them)
         self.expired = 0
+        #: records refused because their stamp is further ahead of our clock than the HLC's max drift
+        self.future_rejected = 0
         if owner is not None and incarnation > 0:
             self._dead[owner] = incarnation - 1
         if horizon_ms is not None and horizon_ms <= 0:
@@ -265,6 +267,7 @@ class Directory:
             "dead_owners": len(self._dead),
             "stale_rejected": self.stale_rejected,
             "expired": self.expired,
+            "future_rejected": self.future_rejected,
         }
 
     def entries_for(self, key: bytes) -> list[Entry]:
@@ -368,7 +371,13 @@ class Directory:
         whose resolved owner differs from before the call."""
         touched: dict[bytes, Owner | None] = {}
         max_stamp = 0
+        # A record from further in the future than the clock may drift would win every slot it
+        # names and outlive every horizon: refused (a broken clock, or a member making it up).
+        future = (self.clock.physical_ms() + self.clock.max_drift_ms) << COUNTER_BITS | COUNTER_MASK
         for key, e in records:
+            if e.stamp > future:
+                self.future_rejected += 1
+                continue
             if e.stamp > max_stamp:
                 max_stamp = e.stamp
             self._apply(key, e, touched)

@@ -41,6 +41,9 @@ log = logging.getLogger("mesh.worker")
 CHUNK = 4000
 #: a client key makes this worker gossip at most once per this many seconds (mesh.publish_gate)
 PUBLISH_INTERVAL = 1.0
+#: members a worker will know (each is a ZeroMQ socket and a heartbeat per interval): a heartbeat
+#: listing made-up members cannot make a worker open sockets without bound
+MAX_MEMBERS = 256
 
 
 @dataclass
@@ -126,6 +129,7 @@ class WorkerMesh:
         self.unroutable = 0
         self.deaths = 0
         self.bad_messages = 0
+        self.members_refused = 0
 
     @property
     def endpoint(self) -> str:
@@ -332,7 +336,7 @@ class WorkerMesh:
         tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
         region = body.get("region") if isinstance(body.get("region"), int) else 0
         known = self.peers.get(sender)
-        if known is None and sender != self.owner:
+        if known is None and sender != self.owner and self._room_for_member():
             endpoint = self._endpoint_for(sender, ipc, tcp)
             if endpoint:
                 self.add_peer(sender, endpoint, ipc=ipc, tcp=tcp, region=region)
@@ -351,7 +355,7 @@ class WorkerMesh:
                     and isinstance(m_tcp, str) and isinstance(m_region, int)):
                 continue
             owner = Owner(node, worker)
-            if owner != self.owner and owner not in self.peers:
+            if owner != self.owner and owner not in self.peers and self._room_for_member():
                 endpoint = self._endpoint_for(owner, m_ipc, m_tcp)
                 if endpoint:
                     self.add_peer(owner, endpoint, ipc=m_ipc, tcp=m_tcp, region=m_region)
@@ -359,6 +363,12 @@ class WorkerMesh:
             if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
                     row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
                 self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
+
+    def _room_for_member(self) -> bool:
+        if len(self.peers) < MAX_MEMBERS:
+            return True
+        self.members_refused += 1
+        return False
 
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""
@@ -514,6 +524,7 @@ class WorkerMesh:
                 "unroutable": self.unroutable,
                 "deaths": self.deaths,
                 "bad_messages": self.bad_messages,
+                "members_refused": self.members_refused,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
                 "loop": self.loop_monitor.stats(),

@@ -396,7 +396,7 @@ def test_reincarnate_recovers_from_a_false_death() -> None:
 
 def test_owner_refutes_a_zombie_entry_about_itself() -> None:
     a = make(A, incarnation=1)
-    zombie = rec(K1, A, pack(999_999_999, 0), inc=1, epoch=7)  # we never had/no longer have it
+    zombie = rec(K1, A, pack(1_030_000, 0), inc=1, epoch=7)  # we never had/no longer have it; 30 s ahead
     assert a.merge([zombie]) == []
     assert a.resolve(K1) is None
     (fix,) = a.take_corrections()
@@ -410,13 +410,25 @@ def test_owner_refutes_a_zombie_entry_about_itself() -> None:
 def test_owner_reasserts_its_live_entry_against_a_newer_tombstone() -> None:
     a = make(A, incarnation=1)
     a.local_add(K1, 3, preferred=True)
-    bogus = rec(K1, A, pack(999_999_999, 0), inc=1, epoch=3, present=False)
+    bogus = rec(K1, A, pack(1_030_000, 0), inc=1, epoch=3, present=False)
     assert a.merge([bogus]) == []
     assert a.resolve(K1) == A
     (fix,) = a.take_corrections()
     assert fix[1].present and fix[1].preferred and fix[1].stamp > bogus[1].stamp
     # and later local writes still win over the correction
     assert a.local_remove(K1, 3).changes == [Change(K1, A, None)]
+
+
+def test_records_from_beyond_the_clock_drift_are_refused() -> None:
+    # they would win every slot they name and outlive every horizon (a broken clock, or a member
+    # making stamps up); within the drift (60 s) they are merged as usual
+    a = make(A, incarnation=1)  # physical time 1_000_000 ms
+    a.local_add(K1, 1)
+    far = [rec(K1, A, pack(1_060_001, 0), inc=1, epoch=1, present=False), rec(K2, B, pack(1_060_001, 0))]
+    assert a.merge(far) == [] and a.take_corrections() == []
+    assert a.future_rejected == 2 and a.resolve(K1) == A and a.resolve(K2) is None
+    assert a.clock.last < pack(1_000_001)  # nor did the clock move
+    assert a.merge([rec(K2, B, pack(1_059_999, 0))]) == [Change(K2, None, B)]
 
 
 def test_owner_accepts_echoes_of_its_own_writes() -> None:
@@ -474,7 +486,7 @@ def test_stats() -> None:
     d.merge([rec(K3, B, 1)])
     assert len(d) == 2 and K1 in d and K2 not in d
     assert d.stats() == {"keys": 2, "entries": 3, "tombstones": 1, "local": 1, "owners": 2, "dead_owners": 0,
-                         "stale_rejected": 0, "expired": 0}
+                         "stale_rejected": 0, "expired": 0, "future_rejected": 0}
 
 
 # -- anti-entropy ---------------------------------------------------------------------------------

@@ -136,3 +136,79 @@ async def test_one_client_flapping_its_entry_cannot_make_the_mesh_gossip_per_fra
             for client in [*conns, dst]:
                 with contextlib.suppress(Exception):
                     await client.close()
+
+
+async def test_what_a_member_injects_is_bounded_old_future_ghost_records_and_made_up_members() -> None:
+    """As a member (or anyone, on loopback without a secret) can: replay a removed key's old add in
+    its owner's name, stamp records far in the future, claim keys for an owner that never speaks,
+    and list made-up members in a heartbeat."""
+    import time
+
+    import zmq
+
+    from mesh import wire
+    from mesh.directory import Entry, Owner, encode_entries
+    from mesh.hlc import pack
+    from mesh.worker_mesh import MAX_MEMBERS
+    from tests.support import free_port_range
+
+    port = free_port_range(2)
+    args = ("--node-name", "a", "--region-id", "901", "--mesh-listen", f"127.0.0.1:{port}",
+            "--tombstone-horizon", str(HORIZON), "--busy-grace", "1", "--node-dead-after", "3")
+    with ClusterProcess(*args, workers=2) as cluster:
+        await await_until(lambda: [d["mesh"]["peers_alive"] for d in cluster.all_varz()] == [1, 1], timeout=20,
+                          what="the two workers to meet")
+        live = await DerpClient.connect(cluster.url, PrivateKey.generate(), timeout=10)
+        left = await DerpClient.connect(cluster.url, PrivateKey.generate(), timeout=10)
+        removed = left.public_key
+        await left.close()
+        context = zmq.Context()
+        pushes = []
+        try:
+            await await_until(lambda: [d["size"] for d in directories(cluster)] == [1, 1], timeout=10,
+                              what="the live key only")
+            for index in range(2):
+                push = context.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 1000)
+                push.connect(f"tcp://127.0.0.1:{port + index}")
+                pushes.append(push)
+            incarnations = [d["mesh"]["incarnation"] for d in cluster.all_varz()]
+            now_ms = int(time.time() * 1000)
+            ghost, ghost_key, future_key = Owner("ghost", 0), os.urandom(32), os.urandom(32)
+            old = pack(now_ms - int(3 * HORIZON * 1000))
+            records = [
+                # the removed key's add, in each worker's name, from before the horizon
+                *[(removed, Entry(Owner("a", w), inc, 1, old, False, True)) for w, inc in enumerate(incarnations)],
+                (future_key, Entry(ghost, 1, 1, pack(now_ms + 86_400_000), False, True)),  # a day ahead
+                (ghost_key, Entry(ghost, 1, 1, pack(now_ms), False, True)),  # an owner that never speaks
+            ]
+            delta = wire.build_control(wire.DIR_DELTA, {"node": "ghost", "worker": 0, "inc": 1,
+                                                        "entries": encode_entries(records)})
+            members = [[f"made-up-{i}", 0, "", "tcp://127.0.0.1:1", 901] for i in range(4 * MAX_MEMBERS)]
+            heartbeat = wire.build_control(wire.HEARTBEAT, {
+                "node": "ghost", "worker": 0, "inc": 1, "digest": b"\0" * 8 * 256, "ipc": "", "tcp": "",
+                "region": 901, "members": members, "dead": []})
+            for push in pushes:
+                push.send(delta)
+                push.send(heartbeat)
+            await await_until(lambda: all(d["future_rejected"] >= 1 and d["stale_rejected"] >= 1
+                                          for d in directories(cluster)), timeout=10, what="the injections to land")
+            with_ghost = [d["size"] for d in directories(cluster)]
+            # the ghost's key is there (it is a valid record) until the horizon, then expires
+            await await_until(lambda: all(d["size"] == 1 and d["expired"] >= 1 for d in directories(cluster)),
+                              timeout=HORIZON + 10, what="the unrenewed ghost key to expire")
+            docs = cluster.all_varz()
+            report("member injections", sizes_with_ghost=with_ghost,
+                   directories=[d["directory"] for d in docs],
+                   peers=[d["mesh"]["peers"].__len__() for d in docs],
+                   members_refused=[d["mesh"]["members_refused"] for d in docs])
+            for doc in docs:
+                assert doc["directory"]["size"] == 1, "an old, future or ghost record survived"
+                assert len(doc["mesh"]["peers"]) <= MAX_MEMBERS and doc["mesh"]["members_refused"] > 0
+            # the live client still relays to itself through both workers' view: the directory is sane
+            assert all(d["directory"]["entries"] == 1 for d in docs)
+        finally:
+            for push in pushes:
+                push.close()
+            context.term()
+            await live.close()
