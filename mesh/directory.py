@@ -21,7 +21,7 @@ is dead) or it is the maximum of the live records. Within one incarnation the HL
 i.e. last writer wins, and a tombstone (``present=False``) beats an older present entry.
 
 `resolve(key)` picks, among the *present* entries of a key, the one with the greatest
-``(preferred, stamp, owner)``: a preferred connection beats a non-preferred one, then the newest,
+``(preferred, since or stamp, owner)``: a preferred connection beats a non-preferred one, then the newest,
 then the greatest ``(node, worker)``. It depends only on the state, so equal states resolve equally.
 `Directory.resolved` caches it for every key and is updated incrementally; the hot path reads
 ``directory.resolved.get(key)``.
@@ -43,17 +43,19 @@ what we hold (a zombie: an old present entry re-shipped by a replica that missed
 the tombstone was garbage-collected), we write a fresh entry stating the truth (our live entry
 re-stamped, or a tombstone) and queue it in `take_corrections()` for the transport to push.
 
-Tombstone garbage collection
-----------------------------
-A tombstone is only needed while an older present entry for its slot may still arrive somewhere.
-`gc(older_than_ms)` forgets tombstones whose stamp is more than ``older_than_ms`` in the past
-(and merge drops incoming tombstones older than the horizon after applying them). That is safe when
-the horizon is much longer than the worst delay of a record through gossip (retries + one
-anti-entropy period + the membership timeout): by then every live replica has the tombstone or a
-newer record, and a replica that was cut off for longer either has been declared dead (its data
-comes back only as a new incarnation) or pushes a stale present entry that the owner corrects (see
-above), or that is rejected because the owner is dead. Minutes are a fine horizon for seconds of
-gossip delay.
+Horizon: leases and collection
+------------------------------
+With ``horizon_ms`` (H), every record is a lease. An owner renews its live entries with `refresh`
+before they are H old (WorkerMesh: once older than H/4); `collect(now)` forgets every record
+stamped before ``now - H`` (tombstones, and other owners' present entries nobody renewed), and
+`merge` refuses present records stamped before that horizon (tombstones that old are applied, then
+dropped). The horizon only moves forward and a new Directory starts with it in place. So a late
+present record can never resurrect a slot whose tombstone was collected: it is older than the
+tombstone, hence older than the horizon that collected it (docs/MESH.md, "The directory's
+horizon", has the argument and what H must exceed for live keys). A refresh re-stamps an entry but
+keeps its place in `resolve` through ``since`` (the stamp of its last real write). Records stamped
+beyond the clock's max drift are refused: they would win every slot and outlive every horizon.
+`gc(older_than_ms)` is `collect` with an explicit horizon.
 
 Anti-entropy
 ------------
@@ -620,7 +622,7 @@ class Directory:
         if e.incarnation > self._max_inc.get(owner, -1):
             self._max_inc[owner] = e.incarnation
         heapq.heappush(self._expiry, (wall_ms_of(e.stamp), key, owner))
-        if len(self._expiry) > 4 * self._entry_count + 4096:
+        if len(self._expiry) > 8 * self._entry_count + 4096:
             self._rebuild_expiry()
 
     def _rebuild_expiry(self) -> None:
