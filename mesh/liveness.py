@@ -139,7 +139,7 @@ class Pulser:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, PULSE_HWM)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        if self.curve is not None and endpoint.startswith("tcp://"):
+        if self.curve is not None:  # the inbox is a CURVE server on every endpoint, ipc too
             sock.curve_secretkey = self.curve.secret
             sock.curve_publickey = self.curve.public
             sock.curve_serverkey = self.curve.server_public

@@ -85,3 +85,28 @@ def test_pulser_pulses_from_its_own_socket_and_withholds_when_the_loop_is_wedged
         pulser.stop()
         inbox.close(linger=0)
         context.term()
+
+
+def test_pulser_speaks_curve_to_a_curve_inbox_on_ipc_too(tmp_path: Path) -> None:
+    # with a cluster secret every inbox endpoint (ipc as well as tcp) is a CURVE server
+    import os
+
+    from mesh.curve import derive_curve_keys, start_authenticator
+    from mesh.transport import MeshTransport
+
+    keys = derive_curve_keys(os.urandom(32))
+    context = zmq.Context()
+    auth = start_authenticator(context, keys)
+    got: list[bytes] = []
+    inbox = MeshTransport([f"ipc://{tmp_path}/curve.ipc"], got.append, curve=keys, context=context)
+    pulser = Pulser(context, lambda: ("n", 1, 2), lambda: 0.0, interval=0.05, busy_grace=5.0, curve=keys)
+    pulser.set_targets({("n", 0): inbox.bound[0]})
+    pulser.start()
+    try:
+        assert inbox.inbox.poll(5000), "no pulse got through CURVE"
+        assert wire.parse_control(inbox.inbox.recv())["inc"] == 2
+    finally:
+        pulser.stop()
+        inbox.close()
+        auth.stop()
+        context.term()
