@@ -44,6 +44,9 @@ PUBLISH_INTERVAL = 1.0
 #: members a worker will know (each is a ZeroMQ socket and a heartbeat per interval): a heartbeat
 #: listing made-up members cannot make a worker open sockets without bound
 MAX_MEMBERS = 256
+#: a member learned from another's member list and never heard from itself is forgotten after this
+#: many node_dead_after periods (a made-up or long-gone one; a real one is learned again when it speaks)
+FORGET_AFTER_DEAD_AFTERS = 4
 
 
 @dataclass
@@ -61,6 +64,7 @@ class PeerState:
     last_pulse: float = 0.0  # from its liveness thread (mesh.liveness)
     pulse_silent_ms: int = 0  # how long its loop had been silent, as its last pulse said
     busy: bool = False  # its loop is silent but its process pulses: keys kept (see tick)
+    learned: bool = False  # known only from another member's list (not configured, not heard)
 
 
 @dataclass
@@ -130,6 +134,7 @@ class WorkerMesh:
         self.deaths = 0
         self.bad_messages = 0
         self.members_refused = 0
+        self.members_forgotten = 0
 
     @property
     def endpoint(self) -> str:
@@ -359,6 +364,7 @@ class WorkerMesh:
                 endpoint = self._endpoint_for(owner, m_ipc, m_tcp)
                 if endpoint:
                     self.add_peer(owner, endpoint, ipc=m_ipc, tcp=m_tcp, region=m_region)
+                    self.peers[owner].learned = True
         for row in body.get("dead", ()):
             if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
                     row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
@@ -469,6 +475,7 @@ class WorkerMesh:
                 peer.last_heard = now
                 peer.last_pulse = now
         self.last_tick = now
+        self._forget_unheard(now)
         self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
         self._renew_and_collect()
         self._publish_held(now)
@@ -504,6 +511,14 @@ class WorkerMesh:
                 peer.incarnation = incarnation
                 self._mark_dead(peer)
 
+    def _forget_unheard(self, now: float) -> None:
+        forget_after = FORGET_AFTER_DEAD_AFTERS * self.node_dead_after
+        for owner in [o for o, p in self.peers.items()
+                      if p.learned and not p.ever_heard and now - p.last_heard > forget_after]:
+            del self.peers[owner]
+            self.transport.disconnect(owner)
+            self.members_forgotten += 1
+
     def _renew_and_collect(self) -> None:
         """Once per tick: renew our live entries' leases, collect what fell behind the horizon."""
         directory = self.directory
@@ -525,6 +540,7 @@ class WorkerMesh:
                 "deaths": self.deaths,
                 "bad_messages": self.bad_messages,
                 "members_refused": self.members_refused,
+                "members_forgotten": self.members_forgotten,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
                 "loop": self.loop_monitor.stats(),

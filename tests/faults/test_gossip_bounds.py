@@ -205,8 +205,13 @@ async def test_what_a_member_injects_is_bounded_old_future_ghost_records_and_mad
             for doc in docs:
                 assert doc["directory"]["size"] == 1, "an old, future or ghost record survived"
                 assert len(doc["mesh"]["peers"]) <= MAX_MEMBERS and doc["mesh"]["members_refused"] > 0
-            # the live client still relays to itself through both workers' view: the directory is sane
             assert all(d["directory"]["entries"] == 1 for d in docs)
+            # made-up members never speak: forgotten after 4 x node dead_after (3 s here)
+            await await_until(lambda: all(len(d["mesh"]["peers"]) == 1 for d in cluster.all_varz()),
+                              timeout=4 * 3 + 10, what="the made-up members to be forgotten")
+            forgotten = [d["mesh"]["members_forgotten"] for d in cluster.all_varz()]
+            report("made-up members forgotten", members_forgotten=forgotten)
+            assert all(d["mesh"]["peers_alive"] == 1 for d in cluster.all_varz())
         finally:
             for push in pushes:
                 push.close()
