@@ -101,3 +101,47 @@ async def test_busy_loop_keeps_its_keys_stopped_or_killed_worker_loses_them() ->
             for client in clients:
                 with contextlib.suppress(Exception):
                     await client.close()
+
+
+async def test_busy_loop_across_nodes_with_curve_keeps_its_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The same across nodes: pulses go over CURVE tcp, the limit is --node-dead-after (2 s here);
+    node b's single worker spins for 3 x that while node a watches its keys."""
+    from contextlib import ExitStack
+
+    from tests.test_nodes import Node, keygen
+
+    node_dead_after = 2.0
+    stall = 3 * node_dead_after
+    secret = keygen(tmp_path)
+    with ExitStack() as stack:
+        a = stack.enter_context(Node("a", 901, workers=1, secret=secret, dead_after=node_dead_after))
+        b = Node("b", 901, workers=1, secret=secret, join=[a], dead_after=node_dead_after)
+        b.env = {"DERP_TEST_HOOKS": "1", "DERP_TEST_STALL_SECONDS": str(stall)}
+        stack.enter_context(b)
+        await await_until(lambda: a.alive_peers() == [1] and b.alive_peers() == [1], timeout=30,
+                          what="the two nodes to meet")
+        clients = [await DerpClient.connect(b.url, PrivateKey.generate(), timeout=10) for _ in range(5)]
+        try:
+            await await_until(lambda: a.dir_sizes() == [5], timeout=15, what="a to know b's keys")
+            stalls_before = loop_stalls(b, 0)
+            assert stalls_before is not None
+            os.kill(b.worker_pids()[0], signal.SIGUSR2)
+            stall_over = asyncio.create_task(asyncio.to_thread(
+                wait_until, lambda: (loop_stalls(b, 0) or 0) > stalls_before, timeout=stall + 20,
+                what="b's loop to come back from the stall"))
+            samples: list[tuple[int, bool]] = []
+            while not stall_over.done():
+                view = next(iter(a.varz(0)["mesh"]["peers"].values()))
+                samples.append((a.dir_sizes()[0], view["busy"]))
+                await asyncio.sleep(0.1)  # sampling period of the observation, not a wait
+            await stall_over
+            report("busy loop across nodes (CURVE)", stall_s=stall, node_dead_after_s=node_dead_after,
+                   samples=len(samples), busy_samples=sum(1 for _, busy in samples if busy),
+                   a_deaths=a.varz(0)["mesh"]["deaths"], b_loop=b.varz(0)["mesh"]["loop"])
+            assert all(size == 5 for size, _ in samples), f"a dropped b's keys: {samples}"
+            assert a.varz(0)["mesh"]["deaths"] == 0
+            assert any(busy for _, busy in samples), "a never saw b's loop silent"
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.close()
