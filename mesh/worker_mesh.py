@@ -148,6 +148,11 @@ class WorkerMesh:
             return
         self.peers[owner] = PeerState(owner, endpoint, region=region, ipc=ipc, tcp=tcp, last_heard=time.monotonic())
         self.transport.connect(owner, endpoint)
+        self._sync_pulse_targets()
+
+    def _sync_pulse_targets(self) -> None:
+        # at once, not at the next tick: the loop may stall before then, and the pulses are for that
+        self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
 
     def add_seed(self, endpoint: str) -> None:
         """A `--join` address: heartbeat there until the member behind it is known by name."""
@@ -352,6 +357,7 @@ class WorkerMesh:
             if endpoint:
                 known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
                 self.transport.connect(sender, endpoint)
+                self._sync_pulse_targets()
         for row in body.get("members", ()):
             if not (isinstance(row, list) and len(row) == 5):
                 continue
@@ -476,7 +482,7 @@ class WorkerMesh:
                 peer.last_pulse = now
         self.last_tick = now
         self._forget_unheard(now)
-        self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
+        self._sync_pulse_targets()
         self._renew_and_collect()
         self._publish_held(now)
         message = self.heartbeat_message()

@@ -49,6 +49,8 @@ async def test_busy_loop_keeps_its_keys_stopped_or_killed_worker_loses_them() ->
         try:
             await await_until(lambda: [d["directory"]["size"] for d in cluster.all_varz()] == [CLIENTS] * 2,
                               timeout=15, what="both workers to know every key")
+            await await_until(lambda: view_of(cluster, 1, 0)["last_pulse_ago"] is not None, timeout=10,
+                              what="worker 1 to hear worker 0's pulse")
             held = view_of(cluster, 1, 0)["keys"]
             assert held > 0, "no client landed on worker 0: the test would prove nothing"
             stalls_before = loop_stalls(cluster, 0)
@@ -123,6 +125,9 @@ async def test_busy_loop_across_nodes_with_curve_keeps_its_keys(tmp_path) -> Non
         clients = [await DerpClient.connect(b.url, PrivateKey.generate(), timeout=10) for _ in range(5)]
         try:
             await await_until(lambda: a.dir_sizes() == [5], timeout=15, what="a to know b's keys")
+            # precondition (else the test proves nothing): a hears b's pulses
+            await await_until(lambda: next(iter(a.varz(0)["mesh"]["peers"].values()))["last_pulse_ago"] is not None,
+                              timeout=10, what="a to hear b's pulse")
             stalls_before = loop_stalls(b, 0)
             assert stalls_before is not None
             os.kill(b.worker_pids()[0], signal.SIGUSR2)
