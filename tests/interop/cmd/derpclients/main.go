@@ -111,6 +111,8 @@ func main() {
 	size := flag.Int("size", 1200, "packet size")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline for the whole run")
 	verbose := flag.Bool("v", false, "log the DERP clients")
+	burst := flag.Int("burst", 4, "packets each client sends between pauses")
+	pause := flag.Duration("pause", 5*time.Millisecond, "pause after each burst")
 	admission := flag.Bool("admission", false, "connect one fresh key to -a and report whether the relay admits it")
 	flag.Parse()
 
@@ -171,10 +173,10 @@ func main() {
 				sum.Sent++
 			}
 		}
-		if seq%4 == 3 {
+		if seq%*burst == *burst-1 {
 			// Stay well inside the relays' 32-packet queues: a relay that forwards to a mesh peer
 			// may receive a whole burst in one read and queue it for one client at once.
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(*pause)
 		}
 	}
 	want := len(all) * *packets
