@@ -125,11 +125,14 @@ async def test_verify_url_allow_deny_and_unreachable_fail_closed() -> None:
 
 
 async def test_verify_url_env_form_fail_open() -> None:
-    """The docker-compose form: DERP_VERIFY_CLIENT_URL + DERP_VERIFY_CLIENT_URL_FAIL_OPEN."""
+    """The docker-compose form: DERP_VERIFY_CLIENT_URL + DERP_VERIFY_CLIENT_URL_FAIL_OPEN. Fail-open
+    admits only when the controller is unreachable; a 503 answer is a refusal, as in derper."""
     verifier = await FakeVerifyURL(default=(503, b"down", 0.0)).start()
     env = {"DERP_VERIFY_CLIENT_URL": verifier.url, "DERP_VERIFY_CLIENT_URL_FAIL_OPEN": "true"}
     try:
         async with cluster_up(env=env) as cluster:
+            await connect_expect_refused(cluster.url, PrivateKey.generate())
+            await verifier.close()  # now unreachable: fail-open admits
             client = await DerpClient.connect(cluster.url)
             await client.close()
             await wait_log(cluster, "(fail-open)")
