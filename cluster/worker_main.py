@@ -51,7 +51,7 @@ def read_mesh_key(path: str) -> str:
 
 async def worker_main(config: Config, index: int, incarnation: int) -> None:
     run_dir = config.run_path
-    server_key = load_or_create_server_key(config.state_path / "derp.key")
+    server_key = load_or_create_server_key(config.server_key_path)
     relay = Relay(
         server_key,
         mesh_key=read_mesh_key(config.mesh_key_file),
