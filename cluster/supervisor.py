@@ -70,6 +70,10 @@ class Supervisor:
             raise ConfigError("server.listen (--listen): workers share the port, so it cannot be 0")
         check_port_free(host, port)
         check_http_port(self.config)
+        if self.config.values["server.certmode"] == "letsencrypt":
+            from .acme import preflight as acme_preflight
+
+            acme_preflight(self.config)
         tls_note = check_tls_config(self.config)
         if tls_note:
             self.say(tls_note)
@@ -101,6 +105,12 @@ class Supervisor:
             raise ConfigError(f"server.run_dir (--run-dir): {self.run_dir} is in use by another cluster; "
                               "give each cluster its own --run-dir") from exc
         (self.run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+        if self.config.values["server.certmode"] == "letsencrypt":
+            from .acme import AcmeManager
+
+            # waits for the workers' HTTP port itself, then orders (or renews) the certificate
+            self.acme = AcmeManager(self.config)
+            self.acme.start()
         token = self.config.admin_token_value()
         if token:
             # Workers get the admin token through a 0600 file in the (0700) run dir, never on their
@@ -196,6 +206,8 @@ class Supervisor:
         finally:
             # Whatever happened to the supervisor, it must not leave orphaned workers behind.
             self.stop_workers(signal.SIGKILL)
+            if getattr(self, "acme", None) is not None:
+                self.acme.close()
 
     def _run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
