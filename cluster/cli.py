@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None, *, derper_mode: bool = False) -> None:
                 print(f"derp-cluster {version('derp-cluster')} (derper-compatible command line)")
                 sys.exit(0)
             argv = ["up", *rest]
-        elif argv and argv[0] == "up":
+        elif argv and argv[0] in ("up", "derpmap", "status"):
             rest, extra = _split_derper(argv[1:], derper_mode=False)
-            argv = ["up", *rest]
+            argv = [argv[0], *rest]
         args = parser.parse_args(argv)
         for name, value in extra.items():
             setattr(args, name, value)

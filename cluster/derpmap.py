@@ -57,6 +57,14 @@ def node_snippet(config: Config, name: str | None = None) -> dict[str, Any]:
         from .tls import ensure_selfsigned
 
         node["CertName"] = ensure_selfsigned(config).pin
+    elif config.values["server.certmode"] == "manual" and _is_ip(hostname):
+        # derper prints this too: an IP hostname's cert (self-signed when derper or we made it) is
+        # checked by its pin, since no CA vouches for an IP
+        from .tls import cert_pin, resolve_cert_files
+
+        files = resolve_cert_files(config)
+        if files is not None:
+            node["CertName"] = cert_pin(files.crt)
     return node
 
 

@@ -253,3 +253,21 @@ def test_admin_token_never_on_a_command_line() -> None:
         token_file = node.run_dir / "admin-token"
         assert token_file.read_text().strip() == secret
         assert token_file.stat().st_mode & 0o077 == 0
+
+
+def test_derpmap_offline_from_derper_flags_with_the_ip_cert_pin(tmp_path: Path) -> None:
+    from cluster.tls import cert_pin
+
+    certdir = tmp_path / "certs"
+    args = ["-a", "127.0.0.1:8443", "-hostname", "127.0.0.1", "-certmode=manual", "-certdir", str(certdir),
+            "-stun-port=3479", "--state-dir", str(tmp_path / "state")]
+    out = subprocess.run([sys.executable, "-m", "cluster", "derpmap", *args], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    (node,) = json.loads(out.stdout)["Regions"]["900"]["Nodes"]
+    assert (node["HostName"], node["IPv4"], node["DERPPort"], node["STUNPort"]) == ("127.0.0.1", "127.0.0.1", 8443,
+                                                                                   3479)
+    assert node["CertName"] == cert_pin(certdir / "127.0.0.1.crt")  # derper's own self-signed IP cert
+    hs = subprocess.run([sys.executable, "-m", "cluster", "derpmap", "--format", "headscale", *args],
+                        capture_output=True, text=True, timeout=60)
+    assert hs.returncode == 0 and f'certname: "{node["CertName"]}"' in hs.stdout, hs.stdout
