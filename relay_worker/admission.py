@@ -694,7 +694,8 @@ def install(
     )
     relay.admission = policy
     checks = ", ".join(policy.stats()["checks"])
-    log.info("admission on (%s); decisions cached %gs (refusals %gs, verifier errors %gs), lookup timeout %gs%s",
-             checks, policy.cache_ttl, policy.negative_ttl, policy.error_ttl, timeout,
+    caching = (f"decisions cached {policy.cache_ttl:g}s (refusals {policy.negative_ttl:g}s, verifier errors "
+               f"{policy.error_ttl:g}s)" if policy.cache_ttl > 0 else "every connection checked (no decision cache)")
+    log.info("admission on (%s); %s, lookup timeout %gs%s", checks, caching, timeout,
              "" if not verify_client_url else f", verify URL fail-{'open' if fail_open else 'closed'}")
     return policy
