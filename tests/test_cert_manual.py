@@ -203,6 +203,23 @@ def test_tls_chain_carries_derpers_meta_cert_with_the_server_key(tmp_path: Path)
                 await client.close()
 
         assert asyncio.run(verified_derp()) == server_key.public().raw
+        go_sees = go_peer_chain(node.port, HOST, tmp_path)
+        if go_sees is not None:  # Go's crypto/tls parses the whole chain; parseMetaCert wants these
+            assert go_sees[-1] == ("derpkey" + server_key.public().raw.hex(), 2)
+
+
+def go_peer_chain(port: int, server_name: str, tmp_path: Path) -> list[tuple[str, int]] | None:
+    """(CN, serial) of each certificate as Go's TLS client receives them; None without Go."""
+    if shutil.which("go") is None:
+        return None
+    source = Path(__file__).parent / "go" / "tlspeek"
+    binary = tmp_path / "tlspeek"
+    build = subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, capture_output=True, text=True,
+                           timeout=300)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(binary), f"127.0.0.1:{port}", server_name], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return [(cn, int(serial)) for cn, serial in (line.split("\t") for line in out.stdout.splitlines())]
 
 
 def test_cluster_up_refuses_a_manual_cert_for_another_name(tmp_path: Path) -> None:
