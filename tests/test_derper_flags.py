@@ -271,3 +271,46 @@ def test_derpmap_offline_from_derper_flags_with_the_ip_cert_pin(tmp_path: Path) 
     hs = subprocess.run([sys.executable, "-m", "cluster", "derpmap", "--format", "headscale", *args],
                         capture_output=True, text=True, timeout=60)
     assert hs.returncode == 0 and f'certname: "{node["CertName"]}"' in hs.stdout, hs.stdout
+
+
+def test_mesh_with_derpers_host_slash_dialhost_form(tmp_path: Path) -> None:
+    """derper's -mesh-with HOST/DIALHOST: dial DIALHOST, check TLS (and SNI) against HOST."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("derp-b.test")
+    certdir = tmp_path / "certs"
+    certdir.mkdir()
+    (certdir / "derp-b.test.crt").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    (certdir / "derp-b.test.key").write_bytes(leaf.private_key_pem.bytes())
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    mesh_key = tmp_path / "mesh.key"
+    mesh_key.write_text(os.urandom(32).hex() + "\n")
+    b = ClusterProcess("-certmode=manual", "-hostname=derp-b.test", f"-certdir={certdir}",
+                       f"-mesh-psk-file={mesh_key}")
+    with b, ClusterProcess(f"-mesh-with=derp-b.test:{b.port}/127.0.0.1", f"-mesh-psk-file={mesh_key}",
+                           env={"SSL_CERT_FILE": str(ca_pem)}) as a:
+        async def relay() -> None:
+            import ssl as ssl_mod
+
+            from tests.support import await_until
+
+            ctx = ssl_mod.create_default_context(cafile=str(ca_pem))
+            on_b = await DerpClient.connect(f"https://127.0.0.1:{b.port}/derp", ssl_context=ctx,
+                                            server_hostname="derp-b.test")
+            on_a = await DerpClient.connect(a.url)
+            try:
+                await await_until(lambda: any(d["connected"] and d["keys"] for d in
+                                              a.varz()["mesh"]["derpers"]), timeout=20,
+                                  what="a to mesh with b through the dial host")
+                await on_a.send(on_b.public_key, b"a to b via derper's mesh")
+                got = await on_b.recv_packet(timeout=5)
+                assert got.src == on_a.public_key and got.data == b"a to b via derper's mesh"
+            finally:
+                await on_a.close()
+                await on_b.close()
+
+        asyncio_run(relay())
+        (derper,) = a.varz()["mesh"]["derpers"]
+        assert "derp-b.test" in json.dumps(derper)
