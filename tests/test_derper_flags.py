@@ -232,10 +232,15 @@ def async_check(url: str, server_key: PrivateKey) -> None:
     (["-mesh-psk-file=/nonexistent"], "server.mesh_key_file"),
     (["--client-bytes-per-second", "-5"], "limits.bytes_per_second"),
     (["-verify-client-url=http://:80/x"], "admission.verify_client_url"),
+    (["-c", "/etc/hostname"], "server.key_file"),  # exists, is not derper's key JSON
+    (["-home=gopher://x"], "-home"),
+    (["-certmode=letsencrypt", "-hostname=203.0.113.9", "-http-port=8080"], "server.hostname"),
+    (["-certmode=letsencrypt", "-hostname=derp.example.com", "-http-port=-1"], "server.http_port"),
 ])
 def test_bad_values_exit_2_with_one_line(args: list[str], named: str, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen", "127.0.0.1:0",
-                             "--state-dir", str(tmp_path / "s"), *args], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen",
+                             f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "s"), *args],
+                            capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
