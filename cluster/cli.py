@@ -50,7 +50,20 @@ def cmd_derpmap(args: argparse.Namespace) -> int:
     from .derpmap import build_derpmap, headscale_yaml, to_headscale
 
     config = _config_from(args)
-    doc = build_derpmap(config, omit_default_regions=args.omit_default_regions)
+    if args.running:
+        from .derpmap import running_derpmap
+        from .status import fetch_unix
+
+        sock = config.run_path / "worker-0.sock"
+        try:
+            varz = json.loads(fetch_unix(sock, "/debug/varz"))
+        except (OSError, ValueError) as exc:
+            print(f"cluster derpmap: --running: no running cluster answers at {sock} ({exc}); start it or pass "
+                  "its --run-dir / --state-dir", file=sys.stderr)
+            return 1
+        doc = running_derpmap(varz, omit_default_regions=args.omit_default_regions)
+    else:
+        doc = build_derpmap(config, omit_default_regions=args.omit_default_regions)
     if args.format == "headscale":
         hs = to_headscale(doc)
         print(json.dumps(hs, indent=2) if args.json else headscale_yaml(hs), end="" if not args.json else "\n")
@@ -85,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     derpmap.add_argument("--format", choices=["tailscale", "headscale"], default="tailscale")
     derpmap.add_argument("--json", action="store_true", help="headscale format as JSON instead of YAML")
     derpmap.add_argument("--omit-default-regions", action=argparse.BooleanOptionalAction, default=True)
+    derpmap.add_argument("--running", action="store_true",
+                         help="the map of the running cluster: every node its mesh knows, as each publishes itself")
     add_setting_flags(derpmap)
     derpmap.set_defaults(func=cmd_derpmap)
 

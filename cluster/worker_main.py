@@ -33,6 +33,7 @@ from relay_worker.server import WorkerServer, make_listen_socket, make_unix_sock
 from stun.server import start_stun_server
 
 from .config import Config, load_config, parse_hostport
+from .derpmap import published_derp_node
 from .http_port import SideServers
 from .node_metrics import gather_worker_docs, node_metrics_text
 from .tls import CertReloader, build_ssl_context
@@ -151,7 +152,8 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
         advertise = f"tcp://{f'[{adv}]' if ':' in adv else adv}:{port + index}"
     mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation, inbox,
                       region=config.node_region_id, advertise_tcp=advertise, dead_after=3.0,
-                      node_dead_after=config.node_dead_after, curve=curve, context=context)
+                      node_dead_after=config.node_dead_after, curve=curve, context=context,
+                      derp_node=published_derp_node(config))
     for peer in range(config.worker_count):
         ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
         mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)

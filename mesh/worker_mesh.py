@@ -47,6 +47,8 @@ class PeerState:
     alive: bool = False
     last_repair: float = 0.0
     ever_heard: bool = False
+    #: the member's DERPNode as it publishes it (for `cluster derpmap --running`); opaque here
+    derp_node: dict[str, Any] | None = None
 
 
 @dataclass
@@ -73,8 +75,10 @@ class WorkerMesh:
         node_dead_after: float = 10.0,
         curve: CurveKeys | None = None,
         context: Any = None,
+        derp_node: dict[str, Any] | None = None,
     ) -> None:
         self.relay = relay
+        self.derp_node = derp_node
         self.owner = owner
         self.incarnation = incarnation
         self.region = region
@@ -299,6 +303,9 @@ class WorkerMesh:
             if endpoint:
                 known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
                 self.transport.connect(sender, endpoint)
+        derp = body.get("derp")
+        if isinstance(derp, dict) and (peer := self.peers.get(sender)) is not None:
+            peer.derp_node = derp
         for row in body.get("members", ()):
             if not (isinstance(row, list) and len(row) == 5):
                 continue
@@ -381,9 +388,10 @@ class WorkerMesh:
         members = [[self.owner.node, self.owner.worker, self.ipc_endpoint, self.tcp_endpoint, self.region]]
         members += [[o.node, o.worker, p.ipc, p.tcp, p.region] for o, p in self.peers.items() if p.alive]
         dead = [[o.node, o.worker, inc] for o, inc in self.dead_marks.items()]
+        extra = {"derp": self.derp_node} if self.derp_node else {}
         return wire.build_control(wire.HEARTBEAT, self._envelope(
             digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
-            members=members, dead=dead))
+            members=members, dead=dead, **extra))
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -430,9 +438,10 @@ class WorkerMesh:
                 "reincarnations": self.reincarnations,
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
+                "derp_node": self.derp_node,
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
-                    "incarnation": p.incarnation, "endpoint": p.endpoint,
+                    "incarnation": p.incarnation, "endpoint": p.endpoint, "derp_node": p.derp_node,
                     "last_heard_ago": round(time.monotonic() - p.last_heard, 2) if p.ever_heard else None,
                     "keys": sum(1 for owner in self.directory.resolved.values() if owner == o),
                     "packets_out": link.packets_sent if (link := self.transport.peers.get(o)) else 0,
