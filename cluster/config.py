@@ -114,6 +114,8 @@ def _duration(text: Any) -> float:
             if not parts or "".join(n + u for n, u in parts) != raw:
                 raise ValueError(f"{raw!r} is not a duration such as 15s, 10m or 1h30m") from None
             seconds = sum(float(n) * _GO_UNITS[u] for n, u in parts)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -121,8 +123,9 @@ def _duration(text: Any) -> float:
 
 def _rate(text: Any) -> float:
     """A rate; derper's +Inf (its default, unlimited) is our 0."""
-    value = _float(text)
-    return 0.0 if value == float("inf") else value
+    if str(text).strip().lower() in ("inf", "+inf", "infinity", "+infinity"):
+        return 0.0
+    return _float(text)
 
 
 def _burst(text: Any) -> int:
@@ -158,9 +161,12 @@ def _float(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError("want a number")
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise ValueError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def _str(text: Any) -> str:
