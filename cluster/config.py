@@ -133,13 +133,6 @@ def _burst(text: Any) -> int:
     return 0 if value >= 2**63 - 1 else value  # derper's default math.MaxInt: no limit
 
 
-def _home(text: Any) -> str:
-    value = _str(text)
-    if value in ("", "blank") or value.startswith(("http://", "https://")):
-        return value
-    raise ValueError(f"{value!r} is not '', 'blank' or an http(s):// URL to redirect to")
-
-
 def _mesh_with(text: Any) -> list[str]:
     """Stock derpers to mesh with: our URL form (https://host/derp) or derper's -mesh-with form
     (host or host/dialhost). Normalised to URLs; a dial host rides in the fragment (#dial=HOST),
@@ -173,6 +166,14 @@ def _str(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("want a string")
     return text
+
+
+def _home(text: Any) -> str:
+    """derper's -home: empty, "blank", or an http(s) URL."""
+    value = _str(text)
+    if value in ("", "blank") or value.startswith(("http://", "https://")):
+        return value
+    raise ValueError(f"{value!r} is not empty, \"blank\" or an http(s):// URL")
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.derp", _bool, True,
             "serve DERP at /derp (false: STUN, /bootstrap-dns and the home page only, as derper -derp=false)",
             "DERP_DERP", "--derp"),
-    Setting("server.home", _home, "",
-            "what / serves: '' (default home page), 'blank', or a URL to redirect to (derper -home)",
-            "DERP_HOME", "--home"),
-    Setting("server.bootstrap_dns_names", _list, [],
-            "hostnames to resolve at /bootstrap-dns (comma separated, derper -bootstrap-dns-names)",
-            "DERP_BOOTSTRAP_DNS_NAMES", "--bootstrap-dns-names"),
-    Setting("server.unpublished_bootstrap_dns_names", _list, [],
-            "hostnames answered at /bootstrap-dns?q= but not listed (derper -unpublished-bootstrap-dns-names)",
-            "DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES", "--unpublished-bootstrap-dns-names"),
     Setting("server.acme_email", _str, "", "contact address for the ACME account (certmode letsencrypt)",
             "DERP_ACME_EMAIL", "--acme-email"),
     Setting("server.acme_directory", _str, "https://acme-v02.api.letsencrypt.org/directory",
@@ -274,10 +266,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.accept_connection_limit_per_ip", _float, 0.0,
             "accepted connections per second per source IP per worker (0 = unlimited)",
             "DERP_ACCEPT_CONNECTION_LIMIT_PER_IP", "--accept-connection-limit-per-ip"),
-    Setting("limits.max_clients", _int, 0, "max DERP clients per worker (0 = unlimited)",
-            "DERP_MAX_CLIENTS", "--max-clients"),
-    Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
-            "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
     Setting("limits.tcp_user_timeout", _duration, 15.0,
             "TCP_USER_TIMEOUT of client connections, seconds or 15s-style (derper -tcp-user-timeout)",
             "DERP_TCP_USER_TIMEOUT", "--tcp-user-timeout"),
@@ -287,6 +275,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.tcp_write_timeout", _duration, 2.0,
             "client write timeout, 0 = none (derper -tcp-write-timeout)", "DERP_TCP_WRITE_TIMEOUT",
             "--tcp-write-timeout"),
+    Setting("limits.max_clients", _int, 0, "max DERP clients per worker (0 = unlimited)",
+            "DERP_MAX_CLIENTS", "--max-clients"),
+    Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
+            "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
+    # the HTTP edge (relay_worker/http_protocol.py, http_app.py): derper's -home, -bootstrap-dns-names,
+    # -unpublished-bootstrap-dns-names, and its http.Server ReadTimeout
+    Setting("server.home", _home, "", 'what "/" serves: empty = the default page, "blank", or a URL to redirect to',
+            "DERP_HOME", "--home"),
+    Setting("server.bootstrap_dns_names", _str, "", "comma-separated hostnames to publish at /bootstrap-dns",
+            "DERP_BOOTSTRAP_DNS_NAMES", "--bootstrap-dns-names"),
+    Setting("server.unpublished_bootstrap_dns_names", _str, "",
+            "comma-separated hostnames answered at /bootstrap-dns?q=NAME only", "DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES",
+            "--unpublished-bootstrap-dns-names"),
+    Setting("limits.http_read_timeout", _float, 30.0,
+            "seconds for an HTTP request (head to response) and for keep-alive idle", "DERP_HTTP_READ_TIMEOUT",
+            "--http-read-timeout"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",

@@ -92,12 +92,10 @@ COMPAT_ENV = {
 
 
 #: settings accepted (so derper command lines start) that workers do not act on yet; a non-default
-#: value gets one warning at start. Whoever implements one removes it here.
+#: value gets one warning at start. Whoever implements one removes it here. (-home and the
+#: bootstrap-DNS names are the HTTP edge's, branch edge.)
 NOT_APPLIED_YET: dict[str, str] = {
     "server.derp": "-derp=false: /derp is still served",
-    "server.home": "-home: the default home page is served",
-    "server.bootstrap_dns_names": "-bootstrap-dns-names: /bootstrap-dns is not served",
-    "server.unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names: /bootstrap-dns is not served",
     "limits.tcp_user_timeout": "-tcp-user-timeout: the kernel default applies",
     "limits.tcp_keepalive_time": "-tcp-keepalive-time: the kernel default applies",
     "limits.tcp_write_timeout": "-tcp-write-timeout: slow readers are handled by the bounded send queue",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 from collections.abc import Generator
@@ -30,6 +31,8 @@ from relay_worker.server import make_listen_socket
 from .config import Config, ConfigError
 from .ports import check_port_free
 
+#: set by the supervisor for its workers in certmode letsencrypt: where HTTP-01 answers are
+ACME_DIR_ENV = "CLUSTER_ACME_HTTP01_DIR"
 #: ACME tokens are base64url (RFC 8555 section 8.1); nothing else may name a file
 _ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -69,7 +72,10 @@ def open_http_port(config: Config) -> socket.socket | None:
 
 def build_port80_app(hostname: str, https_port: int, acme_dir: Path | None = None) -> Starlette:
     """/generate_204 as on the DERP port; ACME HTTP-01 answers from acme_dir (certmode letsencrypt,
-    written by the supervisor's cluster/acme.py); everything else points at the HTTPS address."""
+    written by the supervisor's cluster/acme.py, which names it to workers in ACME_DIR_ENV);
+    everything else points at the HTTPS address."""
+    if acme_dir is None and os.environ.get(ACME_DIR_ENV):
+        acme_dir = Path(os.environ[ACME_DIR_ENV])
 
     async def acme_challenge(request: Request) -> Response:
         token = request.path_params["token"]
@@ -134,8 +140,7 @@ class SideServer:
 
 
 def port80_server(config: Config, sock: socket.socket) -> SideServer:
-    acme_dir = config.run_path / "acme-http-01" if config.values["server.certmode"] == "letsencrypt" else None
-    app = build_port80_app(config.values["server.hostname"], config.listen_addr[1], acme_dir)
+    app = build_port80_app(config.values["server.hostname"], config.listen_addr[1])
     uv = uvicorn.Config(app, lifespan="off", loop="none", log_level=config.log_level, access_log=False,
                         server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=2)
     return SideServer(uv, [sock])

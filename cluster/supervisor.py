@@ -107,9 +107,11 @@ class Supervisor:
         (self.run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
         if self.config.values["server.certmode"] == "letsencrypt":
             from .acme import AcmeManager
+            from .http_port import ACME_DIR_ENV
 
             # waits for the workers' HTTP port itself, then orders (or renews) the certificate
             self.acme = AcmeManager(self.config)
+            self.extra_env[ACME_DIR_ENV] = str(self.acme.challenges)
             self.acme.start()
         token = self.config.admin_token_value()
         if token:

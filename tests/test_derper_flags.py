@@ -57,8 +57,8 @@ def test_every_flag_form_of_go_flag_package() -> None:
     assert v["limits.accept_connection_limit"] == 0.0 and v["limits.accept_connection_burst"] == 0  # unlimited
     assert (v["limits.tcp_user_timeout"], v["limits.tcp_keepalive_time"], v["limits.tcp_write_timeout"]) == \
         (15.0, 600.0, 1.5)
-    assert v["server.bootstrap_dns_names"] == ["a.example.com", "b.example.com"]
-    assert v["server.unpublished_bootstrap_dns_names"] == ["c.example.com"]
+    assert v["server.bootstrap_dns_names"] == "a.example.com,b.example.com"  # split by the HTTP edge
+    assert v["server.unpublished_bootstrap_dns_names"] == "c.example.com"
     assert v["server.mesh_key_file"] == "/k" and v["server.key_file"] == "/var/lib/x.key"
     assert v["server.mesh_with"] == ["https://derp1.example.com/derp", "https://derp2.example.com/derp#dial=10.0.0.2"]
 
