@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SETTINGS_BY_KEY, ConfigError, parse_hostport
+from .config import SETTINGS_BY_KEY, ConfigError, _duration, parse_hostport
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ DERPER_FLAGS: tuple[DerperFlag, ...] = (
 )
 DERPER_FLAGS_BY_NAME = {flag.name: flag for flag in DERPER_FLAGS}
 
+#: derper flags that take a Go duration
+_DURATION_FLAGS = {"tcp-keepalive-time", "tcp-user-timeout", "tcp-write-timeout"}
+
 #: derper flags whose name is also one of our `cluster up` flags with a different meaning: they are
 #: read the derper way only with one dash (`--stun HOST:PORT` is ours, `-stun=false` is derper's).
 _OURS_WITH_TWO_DASHES = {"stun"}
@@ -98,14 +101,13 @@ NOT_APPLIED_YET: dict[str, str] = {
     "server.derp": "-derp=false: /derp is still served",
     "limits.tcp_user_timeout": "-tcp-user-timeout: the kernel default applies",
     "limits.tcp_keepalive_time": "-tcp-keepalive-time: the kernel default applies",
-    "limits.tcp_write_timeout": "-tcp-write-timeout: slow readers are handled by the bounded send queue",
 }
 
 
 def not_applied_warnings(values: Mapping[str, Any]) -> list[str]:
     out = []
     for key, what in NOT_APPLIED_YET.items():
-        if values.get(key) != SETTINGS_BY_KEY[key].default:
+        if key in SETTINGS_BY_KEY and values.get(key) != SETTINGS_BY_KEY[key].default:
             out.append(f"{key} is accepted but not applied by this version ({what})")
     return out
 
@@ -185,7 +187,15 @@ def split_derper_args(argv: list[str], *, derper_mode: bool) -> Parsed:
         elif flag.name == "rate-config":
             if value:
                 raise ConfigError(f"-rate-config: {flag.note}")
+        elif flag.key is not None and flag.key not in SETTINGS_BY_KEY:
+            # the relay core owns this setting (limits.tcp_write_timeout); without it, say so
+            out.warnings.append(f"{shown} accepted but not applied: this build has no {flag.key}")
         elif flag.key is not None:
+            if flag.name in _DURATION_FLAGS:  # Go durations (2s, 10m) as seconds, for any converter
+                try:
+                    value = repr(_duration(value))
+                except ValueError as exc:
+                    raise ConfigError(f"{shown} ({flag.key}): {exc}") from exc
             out.flags[flag.key] = on if flag.boolean else value
             out.named[flag.key] = shown
     return out

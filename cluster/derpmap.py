@@ -215,8 +215,7 @@ def running_derpmap(varz: dict[str, Any], *, omit_default_regions: bool = True) 
     """The derpMap of a running cluster from one worker's /debug/varz: its own node and every live
     member the mesh knows that published its DERPNode, grouped by region, one entry per node."""
     mesh = varz.get("mesh") or {}
-    published = [mesh.get("derp_node")]
-    published += [peer.get("derp_node") for peer in (mesh.get("peers") or {}).values() if peer.get("alive")]
+    published = [mesh.get("derp_node"), *(mesh.get("derp_nodes") or {}).values()]  # live members only
     regions: dict[str, Any] = {}
     seen: set[str] = set()
     for item in published:

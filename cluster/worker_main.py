@@ -152,8 +152,7 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
         advertise = f"tcp://{f'[{adv}]' if ':' in adv else adv}:{port + index}"
     mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation, inbox,
                       region=config.node_region_id, advertise_tcp=advertise, dead_after=3.0,
-                      node_dead_after=config.node_dead_after, curve=curve, context=context,
-                      derp_node=published_derp_node(config))
+                      node_dead_after=config.node_dead_after, curve=curve, context=context)
     for peer in range(config.worker_count):
         ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
         mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)
@@ -164,6 +163,7 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
     for seed in config.node_join:
         host, port = parse_hostport(seed)
         mesh.add_seed(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")
+    mesh.derp_node = published_derp_node(config)  # in heartbeats, for `cluster derpmap --running`
     return mesh
 
 

@@ -47,8 +47,6 @@ class PeerState:
     alive: bool = False
     last_repair: float = 0.0
     ever_heard: bool = False
-    #: the member's DERPNode as it publishes it (for `cluster derpmap --running`); opaque here
-    derp_node: dict[str, Any] | None = None
 
 
 @dataclass
@@ -60,6 +58,12 @@ class Published:
 
 class WorkerMesh:
     """Implements relay_worker.relay.Forwarder on top of a Directory and a MeshTransport."""
+
+    #: this node's DERPNode, sent in heartbeats for `cluster derpmap --running` (set by cluster/)
+    derp_node: dict[str, Any] | None = None
+    #: the DERPNode each member last published (opaque here; at most MAX_DERP_SEEN members)
+    derp_seen: dict[Owner, dict[str, Any]] | None = None
+    MAX_DERP_SEEN = 1024
 
     def __init__(
         self,
@@ -75,10 +79,8 @@ class WorkerMesh:
         node_dead_after: float = 10.0,
         curve: CurveKeys | None = None,
         context: Any = None,
-        derp_node: dict[str, Any] | None = None,
     ) -> None:
         self.relay = relay
-        self.derp_node = derp_node
         self.owner = owner
         self.incarnation = incarnation
         self.region = region
@@ -288,6 +290,7 @@ class WorkerMesh:
         self._apply_changes(self.directory.merge(decode_entries(encoded)))
 
     def _learn_members(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        self._learn_derp_node(sender, body.get("derp"))
         ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
         tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
         region = body.get("region") if isinstance(body.get("region"), int) else 0
@@ -303,9 +306,6 @@ class WorkerMesh:
             if endpoint:
                 known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
                 self.transport.connect(sender, endpoint)
-        derp = body.get("derp")
-        if isinstance(derp, dict) and (peer := self.peers.get(sender)) is not None:
-            peer.derp_node = derp
         for row in body.get("members", ()):
             if not (isinstance(row, list) and len(row) == 5):
                 continue
@@ -322,6 +322,14 @@ class WorkerMesh:
             if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
                     row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
                 self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
+
+    def _learn_derp_node(self, sender: Owner, derp: Any) -> None:
+        if not isinstance(derp, dict) or sender == self.owner:
+            return
+        if self.derp_seen is None:
+            self.derp_seen = {}
+        if sender in self.derp_seen or len(self.derp_seen) < self.MAX_DERP_SEEN:
+            self.derp_seen[sender] = derp
 
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""
@@ -439,9 +447,11 @@ class WorkerMesh:
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
                 "derp_node": self.derp_node,
+                "derp_nodes": {f"{o.node}/{o.worker}": node for o, node in (self.derp_seen or {}).items()
+                               if (peer := self.peers.get(o)) is not None and peer.alive},
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
-                    "incarnation": p.incarnation, "endpoint": p.endpoint, "derp_node": p.derp_node,
+                    "incarnation": p.incarnation, "endpoint": p.endpoint,
                     "last_heard_ago": round(time.monotonic() - p.last_heard, 2) if p.ever_heard else None,
                     "keys": sum(1 for owner in self.directory.resolved.values() if owner == o),
                     "packets_out": link.packets_sent if (link := self.transport.peers.get(o)) else 0,
