@@ -306,6 +306,13 @@ SETTINGS: tuple[Setting, ...] = (
             "DERP_MESH_SECRET_FILE", "--mesh-secret-file"),
     Setting("node.dead_after", _float, 10.0, "seconds of silence before a node is declared dead",
             "DERP_NODE_DEAD_AFTER", "--node-dead-after"),
+    # mesh gossip bounds (docs/MESH.md, "Horizon" and "Liveness")
+    Setting("node.tombstone_horizon", _float, 120.0,
+            "seconds a removed key's tombstone (and an unrenewed entry) lives in the directory",
+            "DERP_TOMBSTONE_HORIZON", "--tombstone-horizon"),
+    Setting("node.busy_grace", _float, 30.0,
+            "extra seconds a member whose loop lags but whose process is alive keeps its keys",
+            "DERP_BUSY_GRACE", "--busy-grace"),
 )
 
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -487,6 +494,10 @@ def _validate(config: Config) -> None:
         if not all(_is_loopback_host(host) for host in hosts):
             raise ConfigError("node.mesh_secret_file (--mesh-secret-file): meshing beyond loopback needs the "
                               "cluster secret; create one with `cluster keygen --out FILE`")
+    silence = v["node.busy_grace"] + max(3.0, v["node.dead_after"])
+    if v["node.busy_grace"] < 0 or v["node.tombstone_horizon"] < 2 * silence:
+        raise ConfigError("node.tombstone_horizon (--tombstone-horizon): must be >= 2 x (busy_grace + dead_after), "
+                          "so a live member's keys outlast its silence (docs/MESH.md, Horizon)")
     if v["admission.verify_client_url"] and not v["admission.verify_client_url"].startswith(
         ("http://", "https://")
     ):

@@ -22,6 +22,7 @@ import zmq
 
 from mesh.curve import derive_curve_keys, read_secret_file, start_authenticator
 from mesh.directory import Owner
+from mesh.liveness import install_stall_hook
 from mesh.worker_mesh import WorkerMesh
 from relay_worker import loop
 from relay_worker.admission import install as install_admission
@@ -83,6 +84,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     admin_sock = make_unix_socket(str(run_dir / f"worker-{index}.sock"))
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
+    install_stall_hook(asyncio.get_running_loop())  # tests only: needs DERP_TEST_HOOKS=1
 
     stun_server = None
     stun_addr = config.stun_addr
@@ -152,7 +154,8 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
         advertise = f"tcp://{f'[{adv}]' if ':' in adv else adv}:{port + index}"
     mesh = WorkerMesh(relay, Owner(config.node_name, index), incarnation, inbox,
                       region=config.node_region_id, advertise_tcp=advertise, dead_after=3.0,
-                      node_dead_after=config.node_dead_after, curve=curve, context=context)
+                      node_dead_after=config.node_dead_after, curve=curve, context=context,
+                      horizon=config.node_tombstone_horizon, busy_grace=config.node_busy_grace)
     for peer in range(config.worker_count):
         ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
         mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)

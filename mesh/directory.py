@@ -21,7 +21,7 @@ is dead) or it is the maximum of the live records. Within one incarnation the HL
 i.e. last writer wins, and a tombstone (``present=False``) beats an older present entry.
 
 `resolve(key)` picks, among the *present* entries of a key, the one with the greatest
-``(preferred, stamp, owner)``: a preferred connection beats a non-preferred one, then the newest,
+``(preferred, since or stamp, owner)``: a preferred connection beats a non-preferred one, then the newest,
 then the greatest ``(node, worker)``. It depends only on the state, so equal states resolve equally.
 `Directory.resolved` caches it for every key and is updated incrementally; the hot path reads
 ``directory.resolved.get(key)``.
@@ -43,17 +43,19 @@ what we hold (a zombie: an old present entry re-shipped by a replica that missed
 the tombstone was garbage-collected), we write a fresh entry stating the truth (our live entry
 re-stamped, or a tombstone) and queue it in `take_corrections()` for the transport to push.
 
-Tombstone garbage collection
-----------------------------
-A tombstone is only needed while an older present entry for its slot may still arrive somewhere.
-`gc(older_than_ms)` forgets tombstones whose stamp is more than ``older_than_ms`` in the past
-(and merge drops incoming tombstones older than the horizon after applying them). That is safe when
-the horizon is much longer than the worst delay of a record through gossip (retries + one
-anti-entropy period + the membership timeout): by then every live replica has the tombstone or a
-newer record, and a replica that was cut off for longer either has been declared dead (its data
-comes back only as a new incarnation) or pushes a stale present entry that the owner corrects (see
-above), or that is rejected because the owner is dead. Minutes are a fine horizon for seconds of
-gossip delay.
+Horizon: leases and collection
+------------------------------
+With ``horizon_ms`` (H), every record is a lease. An owner renews its live entries with `refresh`
+before they are H old (WorkerMesh: once older than H/4); `collect(now)` forgets every record
+stamped before ``now - H`` (tombstones, and other owners' present entries nobody renewed), and
+`merge` refuses present records stamped before that horizon (tombstones that old are applied, then
+dropped). The horizon only moves forward and a new Directory starts with it in place. So a late
+present record can never resurrect a slot whose tombstone was collected: it is older than the
+tombstone, hence older than the horizon that collected it (docs/MESH.md, "The directory's
+horizon", has the argument and what H must exceed for live keys). A refresh re-stamps an entry but
+keeps its place in `resolve` through ``since`` (the stamp of its last real write). Records stamped
+beyond the clock's max drift are refused: they would win every slot and outlive every horizon.
+`gc(older_than_ms)` is `collect` with an explicit horizon.
 
 Anti-entropy
 ------------
@@ -67,6 +69,7 @@ O(buckets)). Repair: A sends ``a.digest()``; B computes ``ids = b.diff_buckets(a
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -74,7 +77,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .hlc import HLC, MAX_STAMP, wall_ms_of
+from .hlc import COUNTER_BITS, COUNTER_MASK, HLC, MAX_STAMP, wall_ms_of
 
 KEY_LEN = 32
 DEFAULT_BUCKETS = 256
@@ -108,6 +111,8 @@ class Entry(NamedTuple):
     stamp: int  # HLC stamp of the write (see mesh.hlc)
     preferred: bool
     present: bool
+    #: stamp of the last write that was not a lease refresh (see "Leases"); 0 means "same as stamp"
+    since: int = 0
 
 
 class Change(NamedTuple):
@@ -142,9 +147,10 @@ class Delta:
         return bool(self.entries)
 
 
-def entry_rank(e: Entry) -> tuple[int, int, int, bool, bool]:
-    """The last-writer-wins order of entries within one (key, owner) slot; greatest wins."""
-    return (e.incarnation, e.stamp, e.epoch, not e.present, e.preferred)
+def entry_rank(e: Entry) -> tuple[int, int, int, bool, bool, int]:
+    """The last-writer-wins order of entries within one (key, owner) slot; greatest wins. (`since`
+    comes last only to keep the order total: one owner never writes two entries with one stamp.)"""
+    return (e.incarnation, e.stamp, e.epoch, not e.present, e.preferred, e.since)
 
 
 def _record_hash(key: bytes, e: Entry) -> int:
@@ -156,6 +162,7 @@ def _record_hash(key: bytes, e: Entry) -> int:
             struct.pack(">H", len(node)),
             node,
             struct.pack(">IQQQB", e.owner.worker, e.incarnation, e.epoch, e.stamp, flags),
+            struct.pack(">Q", e.since) if e.since else b"",
         )
     )
     return int.from_bytes(hashlib.blake2b(packed, digest_size=DIGEST_BYTES).digest(), "big")
@@ -187,6 +194,7 @@ class Directory:
         *,
         clock: HLC | None = None,
         n_buckets: int = DEFAULT_BUCKETS,
+        horizon_ms: int | None = None,
     ) -> None:
         if n_buckets < 1 or n_buckets > 1 << 16 or n_buckets & (n_buckets - 1):
             raise ValueError("n_buckets must be a power of two in [1, 65536]")
@@ -207,10 +215,26 @@ class Directory:
         self._bucket_hash: list[int] = [0] * n_buckets
         self._bucket_keys: dict[int, set[bytes]] = {}
         self._gc_horizon_ms = -1
+        #: (wall ms of stamp, key, owner) of every write, oldest first: what `collect` looks at.
+        #: Lazy: an item whose slot was rewritten since is skipped when popped.
+        self._expiry: list[tuple[int, bytes, Owner]] = []
         self._corrections: list[Record] = []
         self._entry_count = 0
+        #: records refused because their stamp is older than the horizon (a late or replayed record)
+        self.stale_rejected = 0
+        #: remote present entries that expired (their owner stopped refreshing them)
+        self.expired = 0
+        #: records refused because their stamp is further ahead of our clock than the HLC's max drift
+        self.future_rejected = 0
         if owner is not None and incarnation > 0:
             self._dead[owner] = incarnation - 1
+        if horizon_ms is not None and horizon_ms <= 0:
+            raise ValueError("horizon_ms must be > 0")
+        self.horizon_ms = horizon_ms
+        if horizon_ms is not None:
+            # a fresh replica (a restarted worker) starts with the horizon in place, so the peers'
+            # old records it is about to be sent are refused like anywhere else
+            self._gc_horizon_ms = self.clock.physical_ms() - horizon_ms
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -243,6 +267,9 @@ class Directory:
             "local": len(self._local),
             "owners": len(self._by_owner),
             "dead_owners": len(self._dead),
+            "stale_rejected": self.stale_rejected,
+            "expired": self.expired,
+            "future_rejected": self.future_rejected,
         }
 
     def entries_for(self, key: bytes) -> list[Entry]:
@@ -284,7 +311,8 @@ class Directory:
         if cur is not None and cur.incarnation == self.incarnation and epoch < cur.epoch:
             return Delta()
         e = Entry(owner, self.incarnation, epoch, self._next_stamp(cur), bool(preferred), True)
-        self._local[key] = e
+        self._local.pop(key, None)
+        self._local[key] = e  # _local stays ordered by stamp, oldest first (see `refresh`)
         return self._local_write(key, e, cur)
 
     def local_remove(self, key: bytes, epoch: int) -> Delta:
@@ -307,7 +335,8 @@ class Directory:
         if live is None or live.epoch != epoch or live.preferred == bool(preferred):
             return Delta()
         cur = self._slot(key, owner)
-        e = live._replace(stamp=self._next_stamp(cur), preferred=bool(preferred))
+        e = live._replace(stamp=self._next_stamp(cur), preferred=bool(preferred), since=0)
+        del self._local[key]
         self._local[key] = e
         return self._local_write(key, e, cur)
 
@@ -324,8 +353,8 @@ class Directory:
         out: list[Record] = []
         for key, live in list(self._local.items()):
             cur = self._slot(key, owner)
-            e = live._replace(incarnation=incarnation, stamp=self._next_stamp(cur))
-            self._local[key] = e
+            e = live._replace(incarnation=incarnation, stamp=self._next_stamp(cur), since=live.since or live.stamp)
+            self._local[key] = e  # every entry re-stamped in order: the order is kept
             self._touch(touched, key)
             self._put(key, e, cur)
             out.append((key, e))
@@ -344,7 +373,13 @@ class Directory:
         whose resolved owner differs from before the call."""
         touched: dict[bytes, Owner | None] = {}
         max_stamp = 0
+        # A record from further in the future than the clock may drift would win every slot it
+        # names and outlive every horizon: refused (a broken clock, or a member making it up).
+        future = (self.clock.physical_ms() + self.clock.max_drift_ms) << COUNTER_BITS | COUNTER_MASK
         for key, e in records:
+            if e.stamp > future:
+                self.future_rejected += 1
+                continue
             if e.stamp > max_stamp:
                 max_stamp = e.stamp
             self._apply(key, e, touched)
@@ -418,20 +453,67 @@ class Directory:
 
     # -- garbage collection -----------------------------------------------------------------------
 
-    def gc(self, older_than_ms: int) -> int:
-        """Forget tombstones stamped more than `older_than_ms` before the clock's physical time, and
-        from now on drop incoming tombstones that old. Returns how many were removed. See the module
-        doc for why this is safe when the horizon is far longer than the gossip delay."""
-        horizon = self.clock.physical_ms() - older_than_ms
+    def collect(self, now_ms: int) -> list[Change]:
+        """Move the horizon to ``now_ms - horizon_ms`` (it never moves back) and forget every record
+        stamped before it: tombstones, and remote present entries whose owner stopped refreshing
+        them (see "Leases" in the module doc). This replica's own live entries are never collected
+        (`refresh` keeps them young). Returns the resolved-owner changes, like `merge`."""
+        if self.horizon_ms is None:
+            raise RuntimeError("this Directory has no horizon_ms")
+        touched: dict[bytes, Owner | None] = {}
+        self._collect(now_ms - self.horizon_ms, touched)
+        return self._settle(touched)
+
+    def gc(self, older_than_ms: int, now_ms: int | None = None) -> int:
+        """`collect` with an explicit horizon, ``now_ms`` defaulting to the clock's physical time.
+        Returns how many records were removed."""
+        now = self.clock.physical_ms() if now_ms is None else now_ms
+        touched: dict[bytes, Owner | None] = {}
+        removed = self._collect(now - older_than_ms, touched)
+        self._settle(touched)
+        return removed
+
+    def refresh(self, now_ms: int, older_than_ms: int, limit: int = 1 << 30) -> Delta:
+        """Renew the lease of this replica's own live entries stamped more than `older_than_ms`
+        before `now_ms` (at most `limit` of them, oldest first): re-stamp them, keeping their order
+        for `resolve` (``since``). Gossip the returned Delta like any local write. Call it often
+        with ``older_than_ms`` well under ``horizon_ms`` (the module doc says how much under)."""
+        owner = self._require_owner()
+        cutoff = max(now_ms, wall_ms_of(self.clock.last)) - older_than_ms
+        due: list[bytes] = []
+        for key, live in self._local.items():  # ordered by stamp, oldest first
+            if wall_ms_of(live.stamp) >= cutoff or len(due) >= limit:
+                break
+            due.append(key)
+        out: list[Record] = []
+        for key in due:
+            live = self._local.pop(key)
+            cur = self._slot(key, owner)
+            e = live._replace(stamp=self._next_stamp(cur), since=live.since or live.stamp)
+            self._local[key] = e
+            if cur is None or entry_rank(e) > entry_rank(cur):
+                self._put(key, e, cur)
+            out.append((key, e))
+        return Delta(out, [])  # `since` keeps every resolution as it was
+
+    def _collect(self, horizon: int, touched: dict[bytes, Owner | None]) -> int:
         if horizon > self._gc_horizon_ms:
             self._gc_horizon_ms = horizon
         horizon = self._gc_horizon_ms
+        expiry = self._expiry
         removed = 0
-        for key, owner in list(self._tombstones):
-            e = self._slots[key][owner]
-            if wall_ms_of(e.stamp) < horizon:
-                self._evict(key, owner, e)
-                removed += 1
+        while expiry and expiry[0][0] < horizon:
+            wall, key, owner = heapq.heappop(expiry)
+            e = self._slot(key, owner)
+            if e is None or wall_ms_of(e.stamp) != wall:
+                continue  # rewritten (a newer item is queued) or gone
+            if e.present:
+                if owner == self.owner and e.incarnation == self.incarnation and key in self._local:
+                    continue  # our own truth: never collected, `refresh` re-queues it
+                self.expired += 1
+            self._touch(touched, key)
+            self._evict(key, owner, e)
+            removed += 1
         return removed
 
     # -- internals --------------------------------------------------------------------------------
@@ -448,7 +530,11 @@ class Directory:
     def _next_stamp(self, cur: Entry | None) -> int:
         stamp = self.clock.now()
         if cur is not None and cur.stamp >= stamp:
-            stamp = cur.stamp + 1
+            # let the clock adopt it (so our later stamps, and the order of `_local`, stay monotonic);
+            # if it refuses (too far in the future) the slot still gets a strictly greater stamp
+            stamp = self.clock.update(cur.stamp)
+            if stamp <= cur.stamp:
+                stamp = cur.stamp + 1
         return min(stamp, MAX_STAMP)
 
     def _touch(self, touched: dict[bytes, Owner | None], key: bytes) -> None:
@@ -468,6 +554,11 @@ class Directory:
         owner = e.owner
         dead = self._dead.get(owner)
         if dead is not None and e.incarnation <= dead:
+            return
+        if e.present and wall_ms_of(e.stamp) < self._gc_horizon_ms:
+            # Older than the horizon: its owner has refreshed (or removed) it since, so whatever
+            # newer record says so may already be collected here; this one must not resurrect it.
+            self.stale_rejected += 1
             return
         if e.incarnation > self._max_inc.get(owner, -1):
             self._max_inc[owner] = e.incarnation
@@ -492,7 +583,8 @@ class Directory:
         stamp = self._next_stamp(claim)
         live = self._local.get(key)
         if live is not None:
-            fix = live._replace(stamp=stamp)
+            fix = live._replace(stamp=stamp, since=live.since or live.stamp)
+            del self._local[key]
             self._local[key] = fix
         else:
             fix = Entry(owner, self.incarnation, claim.epoch, stamp, False, False)
@@ -529,6 +621,13 @@ class Directory:
             self._tombstones.add((key, owner))
         if e.incarnation > self._max_inc.get(owner, -1):
             self._max_inc[owner] = e.incarnation
+        heapq.heappush(self._expiry, (wall_ms_of(e.stamp), key, owner))
+        if len(self._expiry) > 8 * self._entry_count + 4096:
+            self._rebuild_expiry()
+
+    def _rebuild_expiry(self) -> None:
+        self._expiry = [(wall_ms_of(e.stamp), k, o) for k, slots in self._slots.items() for o, e in slots.items()]
+        heapq.heapify(self._expiry)
 
     def _evict(self, key: bytes, owner: Owner, cur: Entry) -> None:
         slots = self._slots[key]
@@ -572,7 +671,7 @@ class Directory:
         best_rank: tuple[bool, int, Owner] | None = None
         for owner, e in slots.items():
             if e.present:
-                rank = (e.preferred, e.stamp, owner)
+                rank = (e.preferred, e.since or e.stamp, owner)
                 if best_rank is None or rank > best_rank:
                     best, best_rank = owner, rank
         return best
@@ -596,7 +695,8 @@ class Directory:
 # A message is the msgpack array  [1, owners, rows]:
 #   owners: [[node: str (1..255 UTF-8 bytes), worker: uint32], ...]   (each owner once)
 #   rows:   [[key: bin 32, owner_index: uint, incarnation: uint63, epoch: uint63, stamp: uint63,
-#             flags: 0..3 (1 = present, 2 = preferred)], ...]
+#             flags: 0..3 (1 = present, 2 = preferred), (since: uint63, 0 < since < stamp)], ...]
+#           (`since` only when the entry has one: a 6-element row is what older versions send)
 
 
 def encode_entries(records: Iterable[Record]) -> bytes:
@@ -608,7 +708,10 @@ def encode_entries(records: Iterable[Record]) -> bytes:
         if idx is None:
             idx = owners[e.owner] = len(owners)
         flags = (_FLAG_PRESENT if e.present else 0) | (_FLAG_PREFERRED if e.preferred else 0)
-        rows.append([bytes(key), idx, e.incarnation, e.epoch, e.stamp, flags])
+        row = [bytes(key), idx, e.incarnation, e.epoch, e.stamp, flags]
+        if e.since:
+            row.append(e.since)
+        rows.append(row)
     table = [[o.node, o.worker] for o in owners]
     return msgpack.packb([WIRE_VERSION, table, rows], use_bin_type=True)
 
@@ -650,21 +753,25 @@ def decode_entries(data: bytes) -> list[Record]:
     out: list[Record] = []
     n_owners = len(owners)
     for row in rows:
-        if type(row) is not list or len(row) != 6:
-            raise DirectoryDecodeError("row is not a 6-element array")
-        key, idx, inc, epoch, stamp, flags = row
+        if type(row) is not list or len(row) not in (6, 7):
+            raise DirectoryDecodeError("row is not a 6- or 7-element array")
+        key, idx, inc, epoch, stamp, flags = row[:6]
+        since = row[6] if len(row) == 7 else 0
         if type(key) is not bytes or len(key) != KEY_LEN:
             raise DirectoryDecodeError(f"key must be {KEY_LEN} bytes")
         if type(idx) is not int or not 0 <= idx < n_owners:
             raise DirectoryDecodeError("owner index out of range")
         if not (_uint(inc, MAX_COUNTER) and _uint(epoch, MAX_COUNTER) and _uint(stamp, MAX_STAMP)):
             raise DirectoryDecodeError("incarnation, epoch and stamp must be uint63")
+        if len(row) == 7 and not (type(since) is int and 0 < since < stamp):
+            raise DirectoryDecodeError("since must be an int in (0, stamp)")
         if not _uint(flags, _FLAG_PRESENT | _FLAG_PREFERRED):
             raise DirectoryDecodeError("flags out of range")
         out.append(
             (
                 key,
-                Entry(owners[idx], inc, epoch, stamp, bool(flags & _FLAG_PREFERRED), bool(flags & _FLAG_PRESENT)),
+                Entry(owners[idx], inc, epoch, stamp, bool(flags & _FLAG_PREFERRED), bool(flags & _FLAG_PRESENT),
+                      since),
             )
         )
     return out

@@ -5,9 +5,13 @@ Every worker of every node is a member. A worker's inbox listens on `ipc://RUN_D
 (its own node's workers use that) and, on a multi-node cluster, on `tcp://MESH_HOST:MESH_PORT+N`
 (other nodes use that, with CURVE). Members heartbeat to every member they know with their
 incarnation, their directory digest and their view of the membership, so a node joining through
-any seed learns everyone. A member silent for `dead_after` (longer across nodes than within one)
-is declared dead and its keys leave the directory; a member that learns it was declared dead (a
-healed partition) takes a new incarnation and republishes its keys, and is welcomed back.
+any seed learns everyone. Each member's liveness thread (mesh.liveness) also pulses every member,
+so a member whose loop is busy is told from a dead one: a member silent for `dead_after` (longer
+across nodes than within one) that does not pulse either, or whose loop stays silent for
+`busy_grace` more, is declared dead and its keys leave the directory; a member that learns it was
+declared dead (a healed partition) takes a new incarnation and republishes its keys, and is
+welcomed back. Every tick renews the leases of our own keys and collects what fell behind the
+directory's horizon (docs/MESH.md, "Horizon").
 
 Packets go straight to the owning worker on whichever node it is: one ZeroMQ hop, no ingress
 process in between, batched per peer per loop iteration.
@@ -27,12 +31,22 @@ from relay_worker.relay import Relay
 from . import wire
 from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
+from .liveness import BUSY, DEAD, PULSE, LoopMonitor, Pulser, verdict
+from .publish_gate import PublishGate
 from .transport import CurveKeys, MeshTransport
 
 log = logging.getLogger("mesh.worker")
 
 #: records per directory message, so a full repair never blocks the loop for long
 CHUNK = 4000
+#: a client key makes this worker gossip at most once per this many seconds (mesh.publish_gate)
+PUBLISH_INTERVAL = 1.0
+#: members a worker will know (each is a ZeroMQ socket and a heartbeat per interval): a heartbeat
+#: listing made-up members cannot make a worker open sockets without bound
+MAX_MEMBERS = 256
+#: a member learned from another's member list and never heard from itself is forgotten after this
+#: many node_dead_after periods (a made-up or long-gone one; a real one is learned again when it speaks)
+FORGET_AFTER_DEAD_AFTERS = 4
 
 
 @dataclass
@@ -47,6 +61,10 @@ class PeerState:
     alive: bool = False
     last_repair: float = 0.0
     ever_heard: bool = False
+    last_pulse: float = 0.0  # from its liveness thread (mesh.liveness)
+    pulse_silent_ms: int = 0  # how long its loop had been silent, as its last pulse said
+    busy: bool = False  # its loop is silent but its process pulses: keys kept (see tick)
+    learned: bool = False  # known only from another member's list (not configured, not heard)
 
 
 @dataclass
@@ -79,13 +97,26 @@ class WorkerMesh:
         node_dead_after: float = 10.0,
         curve: CurveKeys | None = None,
         context: Any = None,
+        horizon: float = 120.0,
+        busy_grace: float = 30.0,
     ) -> None:
         self.relay = relay
         self.owner = owner
         self.incarnation = incarnation
         self.region = region
-        self.directory = Directory(owner, incarnation)
+        #: records older than this are collected and refused (docs/MESH.md, "Horizon")
+        self.horizon = horizon
+        #: live entries are refreshed when older than this, well inside the horizon
+        self.refresh_after = horizon / 4
+        self.busy_grace = busy_grace
+        self.directory = Directory(owner, incarnation, horizon_ms=int(horizon * 1000))
         self.transport = MeshTransport(inbox, self._on_message, curve=curve, context=context)
+        self.loop_monitor = LoopMonitor(heartbeat)
+        self.publish_gate = PublishGate(PUBLISH_INTERVAL)
+        self.records_out = 0  # directory records gossiped (deltas, refreshes, corrections)
+        self.pulser = Pulser(self.transport.context, lambda: (self.owner.node, self.owner.worker, self.incarnation),
+                             lambda: self.loop_monitor.silent_for(time.monotonic()), interval=heartbeat,
+                             busy_grace=busy_grace, curve=curve)
         self.ipc_endpoint = next((e for e in self.transport.bound if e.startswith("ipc://")), "")
         self.tcp_endpoint = advertise_tcp
         self.heartbeat = heartbeat
@@ -108,6 +139,8 @@ class WorkerMesh:
         self.unroutable = 0
         self.deaths = 0
         self.bad_messages = 0
+        self.members_refused = 0
+        self.members_forgotten = 0
 
     @property
     def endpoint(self) -> str:
@@ -121,6 +154,11 @@ class WorkerMesh:
             return
         self.peers[owner] = PeerState(owner, endpoint, region=region, ipc=ipc, tcp=tcp, last_heard=time.monotonic())
         self.transport.connect(owner, endpoint)
+        self._sync_pulse_targets()
+
+    def _sync_pulse_targets(self) -> None:
+        # at once, not at the next tick: the loop may stall before then, and the pulses are for that
+        self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
 
     def add_seed(self, endpoint: str) -> None:
         """A `--join` address: heartbeat there until the member behind it is known by name."""
@@ -135,12 +173,15 @@ class WorkerMesh:
         self.transport.start(loop)
         self.relay.forwarder = self
         self._task = loop.create_task(self._heartbeat_loop())
+        self.loop_monitor.beat(time.monotonic())
+        self.pulser.start()
         for peer in self.derp_peers:
             peer.start()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        self.pulser.stop()
         for peer in self.derp_peers:
             await peer.close()
         self.transport.close()
@@ -208,8 +249,19 @@ class WorkerMesh:
             del self.published[key]
             delta = self.directory.local_remove(key, current.pub_epoch)
         if delta:
-            self._queue_records(delta.entries)
+            if not present:
+                self.publish_gate.discard(key)  # a removal goes out at once
+                self._queue_records(delta.entries)
+            elif self.publish_gate.offer(key, time.monotonic()):
+                self._queue_records(delta.entries)
+            # else: the key gossiped less than PUBLISH_INTERVAL ago; the tick publishes its entry
             self._apply_changes(delta.changes)
+
+    def _publish_held(self, now: float) -> None:
+        keys = self.publish_gate.due(now)
+        if keys:
+            me = self.owner
+            self._queue_records([(key, e) for key in keys for e in self.directory.entries_for(key) if e.owner == me])
 
     def _queue_records(self, records: list[Record]) -> None:
         """Gather this loop iteration's local directory changes into one message per peer: a burst
@@ -225,7 +277,9 @@ class WorkerMesh:
         self._flush_scheduled = False
         records, self._outgoing = self._outgoing, []
         if records:
-            self._broadcast_records(records)
+            # one record per slot: a later write of this iteration supersedes an earlier one
+            latest = {(key, e.owner): (key, e) for key, e in records}
+            self._broadcast_records(list(latest.values()))
 
     # -- directory changes -> relay -----------------------------------------------------------------
 
@@ -243,6 +297,7 @@ class WorkerMesh:
             self._broadcast_records(corrections)
 
     def _broadcast_records(self, records: list[Record]) -> None:
+        self.records_out += len(records)
         for start in range(0, len(records), CHUNK):
             message = wire.build_control(wire.DIR_DELTA, self._envelope(
                 entries=encode_entries(records[start : start + CHUNK])))
@@ -263,6 +318,9 @@ class WorkerMesh:
             except wire.WireError as exc:
                 self.bad_messages += 1
                 log.warning("dropping malformed packet batch: %s", exc)
+            return
+        if kind == PULSE:
+            self._on_pulse(message)
             return
         try:
             body = wire.parse_control(message)
@@ -295,7 +353,7 @@ class WorkerMesh:
         tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
         region = body.get("region") if isinstance(body.get("region"), int) else 0
         known = self.peers.get(sender)
-        if known is None and sender != self.owner:
+        if known is None and sender != self.owner and self._room_for_member():
             endpoint = self._endpoint_for(sender, ipc, tcp)
             if endpoint:
                 self.add_peer(sender, endpoint, ipc=ipc, tcp=tcp, region=region)
@@ -306,6 +364,7 @@ class WorkerMesh:
             if endpoint:
                 known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
                 self.transport.connect(sender, endpoint)
+                self._sync_pulse_targets()
         for row in body.get("members", ()):
             if not (isinstance(row, list) and len(row) == 5):
                 continue
@@ -314,14 +373,21 @@ class WorkerMesh:
                     and isinstance(m_tcp, str) and isinstance(m_region, int)):
                 continue
             owner = Owner(node, worker)
-            if owner != self.owner and owner not in self.peers:
+            if owner != self.owner and owner not in self.peers and self._room_for_member():
                 endpoint = self._endpoint_for(owner, m_ipc, m_tcp)
                 if endpoint:
                     self.add_peer(owner, endpoint, ipc=m_ipc, tcp=m_tcp, region=m_region)
+                    self.peers[owner].learned = True
         for row in body.get("dead", ()):
             if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
                     row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
                 self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
+
+    def _room_for_member(self) -> bool:
+        if len(self.peers) < MAX_MEMBERS:
+            return True
+        self.members_refused += 1
+        return False
 
     def _learn_derp_node(self, sender: Owner, derp: Any) -> None:
         if not isinstance(derp, dict) or sender == self.owner:
@@ -360,6 +426,24 @@ class WorkerMesh:
             peer.alive = True
             log.info("mesh peer %s/%d is up (incarnation %d)", sender.node, sender.worker, incarnation)
         return peer
+
+    def _on_pulse(self, message: bytes) -> None:
+        """A liveness-thread pulse: the member's process runs, whatever its loop is doing. Counts
+        only for the incarnation we know (joins and restarts are the heartbeats' business)."""
+        try:
+            body = wire.parse_control(message)
+            sender = Owner(wire.field(body, "node", str), wire.field(body, "worker", int))
+            incarnation = wire.field(body, "inc", int)
+            silent_ms = wire.field(body, "silent_ms", int)
+        except (wire.WireError, ValueError) as exc:
+            self.bad_messages += 1
+            log.warning("dropping malformed pulse: %s", exc)
+            return
+        peer = self.peers.get(sender)
+        if peer is None or incarnation != peer.incarnation or self.dead_marks.get(sender) == incarnation:
+            return
+        peer.last_pulse = time.monotonic()
+        peer.pulse_silent_ms = silent_ms
 
     def _mark_dead(self, peer: PeerState) -> None:
         self.dead_marks[peer.owner] = peer.incarnation
@@ -403,12 +487,20 @@ class WorkerMesh:
 
     def tick(self) -> None:
         now = time.monotonic()
+        lag = self.loop_monitor.beat(now)
+        if lag > 1.0:
+            log.warning("mesh: this worker's loop ran %.1fs late", lag)
         if self.last_tick and now - self.last_tick > max(4 * self.heartbeat, 1.0):
             # Our own loop stalled (or the process was stopped): we cannot tell who went silent, so
             # give everyone a fresh grace period instead of declaring the whole cluster dead.
             for peer in self.peers.values():
                 peer.last_heard = now
+                peer.last_pulse = now
         self.last_tick = now
+        self._forget_unheard(now)
+        self._sync_pulse_targets()
+        self._renew_and_collect()
+        self._publish_held(now)
         message = self.heartbeat_message()
         for peer in self.peers:
             self.transport.send_control(peer, message)
@@ -418,8 +510,16 @@ class WorkerMesh:
                 self.transport.send_control(("seed", seed), message)
         for peer in self.peers.values():
             limit = self.dead_after if peer.owner.node == self.owner.node else self.node_dead_after
-            if now - peer.last_heard <= limit:
+            state = verdict(now, peer.last_heard, peer.last_pulse, limit, self.busy_grace)
+            if state != DEAD:
+                busy = state == BUSY
+                if busy and not peer.busy:
+                    log.warning("mesh peer %s/%d: loop silent for %.1fs but its process pulses: keeping its "
+                                "keys for up to %.0fs more", peer.owner.node, peer.owner.worker,
+                                now - peer.last_heard, self.busy_grace)
+                peer.busy = busy
                 continue
+            peer.busy = False
             if peer.alive:
                 peer.alive = False
                 self.deaths += 1
@@ -433,6 +533,25 @@ class WorkerMesh:
                 peer.incarnation = incarnation
                 self._mark_dead(peer)
 
+    def _forget_unheard(self, now: float) -> None:
+        forget_after = FORGET_AFTER_DEAD_AFTERS * self.node_dead_after
+        for owner in [o for o, p in self.peers.items()
+                      if p.learned and not p.ever_heard and now - p.last_heard > forget_after]:
+            del self.peers[owner]
+            self.transport.disconnect(owner)
+            self.members_forgotten += 1
+
+    def _renew_and_collect(self) -> None:
+        """Once per tick: renew our live entries' leases, collect what fell behind the horizon."""
+        directory = self.directory
+        now_ms = directory.clock.physical_ms()
+        delta = directory.refresh(now_ms, int(self.refresh_after * 1000), limit=CHUNK)
+        if delta:
+            self._broadcast_records(delta.entries)
+        changes = directory.collect(now_ms)
+        if changes:
+            self._apply_changes(changes)
+
     def stats(self) -> dict[str, Any]:
         return {
             "directory": {**self.directory.stats(), "size": len(self.directory)},
@@ -442,8 +561,18 @@ class WorkerMesh:
                 "unroutable": self.unroutable,
                 "deaths": self.deaths,
                 "bad_messages": self.bad_messages,
+                "members_refused": self.members_refused,
+                "members_forgotten": self.members_forgotten,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
+                "loop": self.loop_monitor.stats(),
+                "pulses_sent": self.pulser.sent,
+                "pulses_withheld": self.pulser.withheld,
+                "records_out": self.records_out,
+                "gossip_held_writes": self.publish_gate.held_writes,
+                "gossip_gate_keys": len(self.publish_gate),
+                "gossip_held_keys": self.publish_gate.held,
+                "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
                 "derp_node": self.derp_node,
@@ -451,7 +580,8 @@ class WorkerMesh:
                                if (peer := self.peers.get(o)) is not None and peer.alive},
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
-                    "incarnation": p.incarnation, "endpoint": p.endpoint,
+                    "incarnation": p.incarnation, "endpoint": p.endpoint, "busy": p.busy,
+                    "last_pulse_ago": round(time.monotonic() - p.last_pulse, 2) if p.last_pulse else None,
                     "last_heard_ago": round(time.monotonic() - p.last_heard, 2) if p.ever_heard else None,
                     "keys": sum(1 for owner in self.directory.resolved.values() if owner == o),
                     "packets_out": link.packets_sent if (link := self.transport.peers.get(o)) else 0,

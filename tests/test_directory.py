@@ -396,7 +396,7 @@ def test_reincarnate_recovers_from_a_false_death() -> None:
 
 def test_owner_refutes_a_zombie_entry_about_itself() -> None:
     a = make(A, incarnation=1)
-    zombie = rec(K1, A, pack(999_999_999, 0), inc=1, epoch=7)  # we never had/no longer have it
+    zombie = rec(K1, A, pack(1_030_000, 0), inc=1, epoch=7)  # we never had/no longer have it; 30 s ahead
     assert a.merge([zombie]) == []
     assert a.resolve(K1) is None
     (fix,) = a.take_corrections()
@@ -410,13 +410,25 @@ def test_owner_refutes_a_zombie_entry_about_itself() -> None:
 def test_owner_reasserts_its_live_entry_against_a_newer_tombstone() -> None:
     a = make(A, incarnation=1)
     a.local_add(K1, 3, preferred=True)
-    bogus = rec(K1, A, pack(999_999_999, 0), inc=1, epoch=3, present=False)
+    bogus = rec(K1, A, pack(1_030_000, 0), inc=1, epoch=3, present=False)
     assert a.merge([bogus]) == []
     assert a.resolve(K1) == A
     (fix,) = a.take_corrections()
     assert fix[1].present and fix[1].preferred and fix[1].stamp > bogus[1].stamp
     # and later local writes still win over the correction
     assert a.local_remove(K1, 3).changes == [Change(K1, A, None)]
+
+
+def test_records_from_beyond_the_clock_drift_are_refused() -> None:
+    # they would win every slot they name and outlive every horizon (a broken clock, or a member
+    # making stamps up); within the drift (60 s) they are merged as usual
+    a = make(A, incarnation=1)  # physical time 1_000_000 ms
+    a.local_add(K1, 1)
+    far = [rec(K1, A, pack(1_060_001, 0), inc=1, epoch=1, present=False), rec(K2, B, pack(1_060_001, 0))]
+    assert a.merge(far) == [] and a.take_corrections() == []
+    assert a.future_rejected == 2 and a.resolve(K1) == A and a.resolve(K2) is None
+    assert a.clock.last < pack(1_000_001)  # nor did the clock move
+    assert a.merge([rec(K2, B, pack(1_059_999, 0))]) == [Change(K2, None, B)]
 
 
 def test_owner_accepts_echoes_of_its_own_writes() -> None:
@@ -432,25 +444,32 @@ def test_owner_accepts_echoes_of_its_own_writes() -> None:
 # -- garbage collection ---------------------------------------------------------------------------
 
 
-def test_gc_removes_only_old_tombstones() -> None:
+def test_gc_removes_only_old_records() -> None:
     t = FakeTime(10_000)
     d = Directory(clock=HLC(t))
     d.merge([rec(K1, A, pack(1_000), present=False), rec(K2, A, pack(9_500), present=False)])
-    d.merge([rec(K3, A, pack(1_000))])  # old but present: never collected
+    d.merge([rec(K3, A, pack(1_000)), rec(K3, B, pack(9_000))])
     assert d.tombstone_count == 2
-    assert d.gc(older_than_ms=5_000) == 1
+    # the old tombstone goes, and so does the old present entry: its owner stopped renewing it
+    assert d.gc(older_than_ms=5_000) == 2
     assert d.tombstone_count == 1
     assert d.entries_for(K1) == []
-    assert d.resolve(K3) == A
+    assert d.entries_for(K3) == [Entry(B, 0, 0, pack(9_000), False, True)]
+    assert d.resolve(K3) == B and d.expired == 1
     assert d.gc(older_than_ms=5_000) == 0
 
 
-def test_after_gc_an_old_tombstone_still_kills_but_is_not_kept() -> None:
+def test_after_gc_old_records_neither_come_back_nor_stay() -> None:
     t = FakeTime(10_000)
     d = Directory(clock=HLC(t))
-    d.gc(older_than_ms=5_000)  # horizon: 5_000
     d.merge([rec(K1, A, pack(1_000))])
-    assert d.merge([rec(K1, A, pack(2_000), present=False)]) == [Change(K1, A, None)]
+    assert d.gc(older_than_ms=9_500) == 0  # horizon 500: nothing older yet
+    d.gc(older_than_ms=5_000)  # horizon: 5_000; K1's entry expires with it
+    assert d.resolve(K1) is None and d.expired == 1
+    # a late copy of the old present entry does not come back, nor does an old tombstone stay
+    assert d.merge([rec(K1, A, pack(1_000))]) == []
+    assert d.stale_rejected == 1
+    assert d.merge([rec(K1, A, pack(2_000), present=False)]) == []
     assert d.entry_count == 0 and d.tombstone_count == 0
     assert d.merge([rec(K2, A, pack(3_000), present=False)]) == []
     assert d.entry_count == 0
@@ -466,7 +485,8 @@ def test_stats() -> None:
     d.local_remove(K2, 1)
     d.merge([rec(K3, B, 1)])
     assert len(d) == 2 and K1 in d and K2 not in d
-    assert d.stats() == {"keys": 2, "entries": 3, "tombstones": 1, "local": 1, "owners": 2, "dead_owners": 0}
+    assert d.stats() == {"keys": 2, "entries": 3, "tombstones": 1, "local": 1, "owners": 2, "dead_owners": 0,
+                         "stale_rejected": 0, "expired": 0, "future_rejected": 0}
 
 
 # -- anti-entropy ---------------------------------------------------------------------------------
@@ -516,6 +536,7 @@ def test_encode_decode_round_trip() -> None:
         rec(K1, A, pack(123, 4), inc=2, epoch=9, preferred=True),
         rec(K2, A, 7, present=False),
         rec(K3, Owner("ñødé", 2**32 - 1), 2**63 - 1, inc=2**63 - 1, epoch=2**63 - 1),
+        (K1, Entry(B, 1, 2, pack(50), False, True, since=pack(40))),  # a refreshed lease: 7 fields
     ]
     assert decode_entries(encode_entries(recs)) == recs
     assert decode_entries(encode_entries(Delta(recs, []))) == recs
@@ -547,6 +568,10 @@ def _valid_doc() -> list[object]:
         lambda d: d[2][0].__setitem__(5, 4),
         lambda d: d[2][0].__setitem__(5, False),
         lambda d: d[2][0].append(0),
+        lambda d: d[2][0].append(3),  # since == stamp: not canonical (0 says that)
+        lambda d: d[2][0].append(4),  # since after stamp
+        lambda d: d[2][0].append(True),
+        lambda d: d[2][0].extend([1, 1]),
         lambda d: d[2].append(None),
     ],
 )
@@ -615,15 +640,17 @@ OWNERS = [A, A1, B, C]
 
 @st.composite
 def records(draw: st.DrawFn) -> Record:
+    stamp = draw(st.integers(0, 6))
     return (
         draw(st.sampled_from(KEYS)),
         Entry(
             owner=draw(st.sampled_from(OWNERS)),
             incarnation=draw(st.integers(0, 2)),
             epoch=draw(st.integers(0, 2)),
-            stamp=draw(st.integers(0, 6)),
+            stamp=stamp,
             preferred=draw(st.booleans()),
             present=draw(st.booleans()),
+            since=draw(st.integers(0, stamp - 1)) if stamp > 1 else 0,  # a refreshed lease
         ),
     )
 
@@ -657,7 +684,7 @@ def brute_force(recs: Iterable[Record], dead: dict[Owner, int] | None = None) ->
     for k in {k for k, _ in best}:
         present = [e for (kk, _), e in best.items() if kk == k and e.present]
         if present:
-            resolved[k] = max(present, key=lambda e: (e.preferred, e.stamp, e.owner)).owner
+            resolved[k] = max(present, key=lambda e: (e.preferred, e.since or e.stamp, e.owner)).owner
     return {(k, e) for (k, _), e in best.items()}, resolved
 
 
