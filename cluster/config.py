@@ -43,9 +43,9 @@ def _bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
     low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in ("1", "t", "true", "yes", "on"):  # t/f: Go's strconv.ParseBool, as derper's flags
         return True
-    if low in ("0", "false", "no", "off", ""):
+    if low in ("0", "f", "false", "no", "off", ""):
         return False
     raise ValueError(f"{text!r} is not a boolean (true/false)")
 
@@ -76,17 +76,104 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 def _int(text: Any) -> int:
     if isinstance(text, bool):
         raise ValueError("want an integer")
-    return int(text)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _port(low: int) -> Callable[[Any], int]:
+    """A TCP/UDP port number; values below 1 down to `low` are the setting's off/auto values."""
+
+    def check(text: Any) -> int:
+        port = _int(text)
+        if not (low <= port <= 65535):
+            raise ValueError(f"{port} is not a port (want 1-65535{', or ' + str(low) if low < 1 else ''})")
+        return port
+
+    return check
+
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: Any) -> float:
+    """Seconds, from a number of seconds or a Go duration such as 15s, 10m, 1h30m, 500ms."""
+    if isinstance(text, bool):
+        raise ValueError("want a duration such as 15s or 10m")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        import re
+
+        raw = str(text).strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", raw)
+            if not parts or "".join(n + u for n, u in parts) != raw:
+                raise ValueError(f"{raw!r} is not a duration such as 15s, 10m or 1h30m") from None
+            seconds = sum(float(n) * _GO_UNITS[u] for n, u in parts)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite duration")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _rate(text: Any) -> float:
+    """A rate; derper's +Inf (its default, unlimited) is our 0."""
+    if str(text).strip().lower() in ("inf", "+inf", "infinity", "+infinity"):
+        return 0.0
+    return _float(text)
+
+
+def _burst(text: Any) -> int:
+    value = _int(text)
+    return 0 if value >= 2**63 - 1 else value  # derper's default math.MaxInt: no limit
+
+
+def _mesh_with(text: Any) -> list[str]:
+    """Stock derpers to mesh with: our URL form (https://host/derp) or derper's -mesh-with form
+    (host or host/dialhost). Normalised to URLs; a dial host rides in the fragment (#dial=HOST),
+    which is never sent, and the TLS name stays the derper's hostname as in derper."""
+    out = []
+    for item in _list(text):
+        if "://" in item:
+            out.append(item)
+            continue
+        parts = item.split("/")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"{item!r}: want HOST or HOST/DIALHOST (derper) or https://HOST/derp")
+        url = f"https://{parts[0]}/derp"
+        out.append(url + (f"#dial={parts[1]}" if len(parts) == 2 and parts[1] != parts[0] else ""))
+    return out
 
 
 def _float(text: Any) -> float:
-    return float(text)
+    if isinstance(text, bool):
+        raise ValueError("want a number")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def _str(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("want a string")
     return text
+
+
+def _home(text: Any) -> str:
+    """derper's -home: empty, "blank", or an http(s) URL."""
+    value = _str(text)
+    if value in ("", "blank") or value.startswith(("http://", "https://")):
+        return value
+    raise ValueError(f"{value!r} is not empty, \"blank\" or an http(s):// URL")
 
 
 @dataclass(frozen=True)
@@ -110,16 +197,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.workers", _int, 0, "worker processes (0 = one per core)", "DERP_WORKERS", "--workers"),
     Setting("server.hostname", _str, "", "public DNS name of this node (TLS name, derpMap HostName)",
             "DERP_DOMAIN", "--hostname"),
-    Setting("server.certmode", _choice("dev", "manual", "selfsigned"), "dev",
-            "dev = plain HTTP; manual = CERTDIR/HOSTNAME.crt+.key; selfsigned = generated cert",
+    Setting("server.certmode", _choice("dev", "manual", "selfsigned", "letsencrypt"), "dev",
+            "dev = plain HTTP; manual = CERTDIR/HOSTNAME.crt+.key; selfsigned = generated cert; "
+            "letsencrypt = ACME (HTTP-01 on the http port), cached in CERTDIR",
             "DERP_CERT_MODE", "--certmode"),
     Setting("server.certdir", _str, "/var/lib/derper/certs", "directory holding HOSTNAME.crt and .key",
             "DERP_CERT_DIR", "--certdir"),
-    Setting("server.http_port", _int, -1,
+    Setting("server.http_port", _port(-1), -1,
             "plain-HTTP port for /generate_204 captive-portal checks when serving TLS (-1 = off)",
             "DERP_HTTP_PORT", "--http-port"),
     Setting("server.state_dir", _str, "state", "directory for the server key (derp.key)",
             "DERP_STATE_DIR", "--state-dir"),
+    Setting("server.key_file", _str, "",
+            "the server's private key, derper's -c file {\"PrivateKey\": \"privkey:...\"} (default STATE_DIR/derp.key)",
+            "DERP_KEY_FILE", "--key-file"),
+    Setting("server.derp", _bool, True,
+            "serve DERP at /derp (false: STUN, /bootstrap-dns and the home page only, as derper -derp=false)",
+            "DERP_DERP", "--derp"),
+    Setting("server.acme_email", _str, "", "contact address for the ACME account (certmode letsencrypt)",
+            "DERP_ACME_EMAIL", "--acme-email"),
+    Setting("server.acme_directory", _str, "https://acme-v02.api.letsencrypt.org/directory",
+            "ACME directory URL (certmode letsencrypt)", "DERP_ACME_DIRECTORY", "--acme-directory"),
+    Setting("server.acme_ca_file", _str, "",
+            "PEM CA bundle to trust for the ACME directory (default: the system store)",
+            "DERP_ACME_CA_FILE", "--acme-ca-file"),
     Setting("server.run_dir", _str, "", "directory for ipc sockets and pid files (default STATE_DIR/run)",
             "DERP_RUN_DIR", "--run-dir"),
     Setting("server.log_level", _choice("debug", "info", "warning", "error"), "info", "log level",
@@ -131,11 +232,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.mesh_key_file", _str, "",
             "file with derper's mesh key (64 hex): peers presenting it may WatchConns/ForwardPacket",
             "DERP_MESH_KEY_FILE", "--mesh-key-file"),
-    Setting("server.mesh_with", _list, [], "stock derper URLs to mesh with (comma separated)",
+    Setting("server.mesh_with", _mesh_with, [],
+            "stock derpers to mesh with: https://HOST/derp or derper's HOST[/DIALHOST] (comma separated)",
             "DERP_MESH_WITH", "--mesh-with"),
     Setting("stun.enabled", _bool, True, "serve STUN", "DERP_STUN", None),
     Setting("stun.listen", _hostport, "0.0.0.0:3478", "STUN UDP address HOST:PORT", None, "--stun"),
-    Setting("stun.port", _int, 0, "STUN port (overrides the port of stun.listen when set)",
+    Setting("stun.port", _port(0), 0, "STUN port (overrides the port of stun.listen when set)",
             "DERP_STUN_PORT", None),
     Setting("admission.verify_clients", _bool, False, "admit only nodes tailscaled's LocalAPI knows",
             "DERP_VERIFY_CLIENTS", "--verify-clients"),
@@ -148,7 +250,8 @@ SETTINGS: tuple[Setting, ...] = (
             "--verify-client-url-fail-open"),
     Setting("admission.allow_keys_file", _str, "", "file of allowed nodekey: lines (reloaded on change)",
             "DERP_ALLOW_KEYS_FILE", "--allow-keys-file"),
-    Setting("admission.cache_ttl", _float, 30.0, "seconds an admission decision is cached",
+    Setting("admission.cache_ttl", _float, 0.0,
+            "seconds an admission decision is cached per node key (0 = ask on every connection, as derper)",
             "DERP_ADMISSION_CACHE_TTL", "--admission-cache-ttl"),
     Setting("admission.timeout", _float, 5.0, "seconds an admission lookup may take",
             "DERP_ADMISSION_TIMEOUT", "--admission-timeout"),
@@ -156,17 +259,35 @@ SETTINGS: tuple[Setting, ...] = (
             "DERP_CLIENT_BYTES_PER_SECOND", "--client-bytes-per-second"),
     Setting("limits.bytes_burst", _int, 0, "per-client relay burst in bytes", "DERP_CLIENT_BYTES_BURST",
             "--client-bytes-burst"),
-    Setting("limits.accept_connection_limit", _float, 0.0, "accepted connections per second per worker "
+    Setting("limits.accept_connection_limit", _rate, 0.0, "accepted connections per second per worker "
             "(0 = unlimited)", "DERP_ACCEPT_CONNECTION_LIMIT", "--accept-connection-limit"),
-    Setting("limits.accept_connection_burst", _int, 0, "accept burst per worker",
+    Setting("limits.accept_connection_burst", _burst, 0, "accept burst per worker",
             "DERP_ACCEPT_CONNECTION_BURST", "--accept-connection-burst"),
     Setting("limits.accept_connection_limit_per_ip", _float, 0.0,
             "accepted connections per second per source IP per worker (0 = unlimited)",
             "DERP_ACCEPT_CONNECTION_LIMIT_PER_IP", "--accept-connection-limit-per-ip"),
+    Setting("limits.tcp_user_timeout", _duration, 15.0,
+            "TCP_USER_TIMEOUT of client connections, seconds or 15s-style (derper -tcp-user-timeout)",
+            "DERP_TCP_USER_TIMEOUT", "--tcp-user-timeout"),
+    Setting("limits.tcp_keepalive_time", _duration, 600.0,
+            "TCP keepalive idle time of client connections (derper -tcp-keepalive-time)",
+            "DERP_TCP_KEEPALIVE_TIME", "--tcp-keepalive-time"),
     Setting("limits.max_clients", _int, 0, "max DERP clients per worker (0 = unlimited)",
             "DERP_MAX_CLIENTS", "--max-clients"),
     Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
             "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
+    # the HTTP edge (relay_worker/http_protocol.py, http_app.py): derper's -home, -bootstrap-dns-names,
+    # -unpublished-bootstrap-dns-names, and its http.Server ReadTimeout
+    Setting("server.home", _home, "", 'what "/" serves: empty = the default page, "blank", or a URL to redirect to',
+            "DERP_HOME", "--home"),
+    Setting("server.bootstrap_dns_names", _str, "", "comma-separated hostnames to publish at /bootstrap-dns",
+            "DERP_BOOTSTRAP_DNS_NAMES", "--bootstrap-dns-names"),
+    Setting("server.unpublished_bootstrap_dns_names", _str, "",
+            "comma-separated hostnames answered at /bootstrap-dns?q=NAME only", "DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES",
+            "--unpublished-bootstrap-dns-names"),
+    Setting("limits.http_read_timeout", _float, 30.0,
+            "seconds for an HTTP request (head to response) and for keep-alive idle", "DERP_HTTP_READ_TIMEOUT",
+            "--http-read-timeout"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",
@@ -196,7 +317,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 #: settings that are on/off switches get `--flag`/`--no-flag` on the command line
-_BOOL_FLAGS = {"admission.verify_clients", "admission.verify_client_url_fail_open"}
+_BOOL_FLAGS = {"admission.verify_clients", "admission.verify_client_url_fail_open", "server.derp"}
 
 
 @dataclass
@@ -240,6 +361,11 @@ class Config:
         return Path(self.values["server.state_dir"]).resolve()
 
     @property
+    def server_key_path(self) -> Path:
+        key_file = self.values["server.key_file"]
+        return Path(key_file).resolve() if key_file else self.state_path / "derp.key"
+
+    @property
     def run_path(self) -> Path:
         run = self.values["server.run_dir"]
         return Path(run).resolve() if run else self.state_path / "run"
@@ -280,7 +406,8 @@ def _apply(config: Config, key: str, raw: Any, source: str) -> None:
     try:
         config.values[key] = setting.convert(raw)
     except (ValueError, TypeError) as exc:
-        where = {"env": setting.env, "flag": setting.flag}.get(source.split(":")[0]) or key
+        kind, _, name = source.partition(":")
+        where = {"env": setting.env, "flag": name or setting.flag}.get(kind) or key
         raise ConfigError(f"{where} ({key}): {exc}; {setting.help}") from exc
     config.sources[key] = source
 
@@ -289,6 +416,7 @@ def load_config(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective configuration: defaults < TOML file < DERP_* env < flags."""
     config = Config()
@@ -319,7 +447,7 @@ def load_config(
             _apply(config, setting.key, env[setting.env], f"env:{setting.env}")
     for key, raw in (flags or {}).items():
         if raw is not None:
-            _apply(config, key, raw, f"flag:{SETTINGS_BY_KEY[key].flag}")
+            _apply(config, key, raw, f"flag:{(flag_names or {}).get(key) or SETTINGS_BY_KEY[key].flag}")
     _validate(config)
     return config
 

@@ -57,6 +57,14 @@ def node_snippet(config: Config, name: str | None = None) -> dict[str, Any]:
         from .tls import ensure_selfsigned
 
         node["CertName"] = ensure_selfsigned(config).pin
+    elif config.values["server.certmode"] == "manual" and _is_ip(hostname):
+        # derper prints this too: an IP hostname's cert (self-signed when derper or we made it) is
+        # checked by its pin, since no CA vouches for an IP
+        from .tls import cert_pin, resolve_cert_files
+
+        files = resolve_cert_files(config)
+        if files is not None:
+            node["CertName"] = cert_pin(files.crt)
     return node
 
 
@@ -192,6 +200,41 @@ def build_derpmap(config: Config, *, omit_default_regions: bool = True) -> dict[
     if omit_default_regions:
         doc["omitDefaultRegions"] = True
     doc["Regions"] = regions
+    return doc
+
+
+def published_derp_node(config: Config) -> dict[str, Any]:
+    """What each worker tells the mesh about its node (heartbeats), so any node can print the map of
+    the whole running cluster: the DERPNode (named by the node's cluster name) and its region."""
+    node = node_snippet(config, name=config.node_name)
+    return {"node": node, "region_code": config.values["node.region_code"],
+            "region_name": config.values["node.region_name"]}
+
+
+def running_derpmap(varz: dict[str, Any], *, omit_default_regions: bool = True) -> dict[str, Any]:
+    """The derpMap of a running cluster from one worker's /debug/varz: its own node and every live
+    member the mesh knows that published its DERPNode, grouped by region, one entry per node."""
+    mesh = varz.get("mesh") or {}
+    published = [mesh.get("derp_node"), *(mesh.get("derp_nodes") or {}).values()]  # live members only
+    regions: dict[str, Any] = {}
+    seen: set[str] = set()
+    for item in published:
+        if not isinstance(item, dict) or not isinstance(item.get("node"), dict):
+            continue
+        node = dict(item["node"])
+        if node.get("Name") in seen:
+            continue  # every worker of a node publishes the same entry
+        seen.add(node.get("Name"))
+        key = str(node.get("RegionID"))
+        region = regions.setdefault(key, {"RegionID": node.get("RegionID"), "RegionCode": item.get("region_code"),
+                                          "RegionName": item.get("region_name"), "Nodes": []})
+        region["Nodes"].append(node)
+    for region in regions.values():
+        region["Nodes"].sort(key=lambda n: str(n.get("Name")))
+    doc: dict[str, Any] = {}
+    if omit_default_regions:
+        doc["omitDefaultRegions"] = True
+    doc["Regions"] = dict(sorted(regions.items(), key=lambda kv: int(kv[0])))
     return doc
 
 

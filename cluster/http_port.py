@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import socket
 from collections.abc import Generator
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -28,6 +31,10 @@ from relay_worker.server import make_listen_socket
 from .config import Config, ConfigError
 from .ports import check_port_free
 
+#: set by the supervisor for its workers in certmode letsencrypt: where HTTP-01 answers are
+ACME_DIR_ENV = "CLUSTER_ACME_HTTP01_DIR"
+#: ACME tokens are base64url (RFC 8555 section 8.1); nothing else may name a file
+_ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -63,8 +70,22 @@ def open_http_port(config: Config) -> socket.socket | None:
     return make_listen_socket(config.listen_addr[0], port)
 
 
-def build_port80_app(hostname: str, https_port: int) -> Starlette:
-    """/generate_204 as on the DERP port; everything else points at the HTTPS address."""
+def build_port80_app(hostname: str, https_port: int, acme_dir: Path | None = None) -> Starlette:
+    """/generate_204 as on the DERP port; ACME HTTP-01 answers from acme_dir (certmode letsencrypt,
+    written by the supervisor's cluster/acme.py, which names it to workers in ACME_DIR_ENV);
+    everything else points at the HTTPS address."""
+    if acme_dir is None and os.environ.get(ACME_DIR_ENV):
+        acme_dir = Path(os.environ[ACME_DIR_ENV])
+
+    async def acme_challenge(request: Request) -> Response:
+        token = request.path_params["token"]
+        if acme_dir is None or not _ACME_TOKEN.fullmatch(token):
+            return await to_https(request)
+        try:
+            body = (acme_dir / token).read_bytes()
+        except OSError:
+            return PlainTextResponse("no such challenge\n", status_code=404)
+        return Response(body, media_type="text/plain")
 
     async def to_https(request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
@@ -78,6 +99,7 @@ def build_port80_app(hostname: str, https_port: int) -> Starlette:
 
     return Starlette(routes=[
         Route("/generate_204", generate_204, methods=_ALL_METHODS),
+        Route("/.well-known/acme-challenge/{token}", acme_challenge, methods=["GET", "HEAD"]),
         Route("/{path:path}", to_https, methods=_ALL_METHODS),
     ])
 

@@ -148,6 +148,9 @@ class ProbeOptions:
     ca_file: str | None = None
     warn_days: int = WARN_DAYS
     samples: int = SAMPLES
+    #: derper's mesh key (64 hex), as derpprobe -mesh-psk-file: nodes that verify clients admit the
+    #: probe's throwaway keys only when they present it, as they do mesh peers
+    mesh_key: str = ""
 
 
 class ProbeUsageError(Exception):
@@ -556,7 +559,7 @@ async def check_http_probe(target: Target, options: ProbeOptions | None = None) 
 
 def _connect_kwargs(target: Target, options: ProbeOptions) -> dict[str, Any]:
     return {"is_prober": True, "timeout": options.timeout, "ssl_context": client_ssl_context(target, options.ca_file),
-            "server_hostname": target.host_name}
+            "server_hostname": target.host_name, "mesh_key": options.mesh_key}
 
 
 async def _close_client(client: DerpClient) -> None:
@@ -853,6 +856,37 @@ def _targets_from_args(args: argparse.Namespace) -> list[Target]:
     return targets
 
 
+def read_mesh_key_file(path: str) -> str:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ProbeUsageError(f"--mesh-psk-file: cannot read {path}: {exc.strerror}") from exc
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ProbeUsageError(f"--mesh-psk-file: {path} must hold 64 hex characters (derper's mesh key)")
+    return text.lower()
+
+
+def _mesh_key_from_args(args: argparse.Namespace) -> str:
+    """--mesh-psk-file (derpprobe's flag), else TAILSCALE_DERPER_MESH_KEY (derpprobe -dev), else the
+    mesh key file of --config when probing this node's own derpMap."""
+    if args.mesh_psk_file:
+        return read_mesh_key_file(args.mesh_psk_file)
+    env = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "").strip()
+    if env:
+        if len(env) != 64 or any(c not in "0123456789abcdefABCDEF" for c in env):
+            raise ProbeUsageError("TAILSCALE_DERPER_MESH_KEY: want 64 hex characters")
+        return env.lower()
+    if not args.urls and not args.derpmap:
+        from .config import ConfigError, load_config
+
+        try:
+            path = load_config(args.config, os.environ, {}).values["server.mesh_key_file"]
+        except ConfigError:
+            return ""
+        return read_mesh_key_file(path) if path else ""
+    return ""
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("cluster probe: --timeout must be > 0", file=sys.stderr)
@@ -865,7 +899,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if not targets:
         print("cluster probe: no nodes to probe", file=sys.stderr)
         return 2
-    options = ProbeOptions(timeout=args.timeout, ca_file=args.ca_file)
+    try:
+        mesh_key = _mesh_key_from_args(args)
+    except ProbeUsageError as exc:
+        print(f"cluster probe: {exc}", file=sys.stderr)
+        return 2
+    options = ProbeOptions(timeout=args.timeout, ca_file=args.ca_file, mesh_key=mesh_key)
     nodes, meshes = asyncio.run(probe_all(targets, options, mesh=not args.no_mesh))
     doc = report_json(nodes, meshes)
     if args.json:
@@ -900,4 +939,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     parser.add_argument("--plain-http", action="store_true",
                         help="dial derpMap nodes over plain HTTP (dev mode; what TS_DEBUG_USE_DERP_HTTP=1 does)")
     parser.add_argument("--no-mesh", action="store_true", help="skip the cross-node delivery checks")
+    parser.add_argument("--mesh-psk-file", "--mesh-key-file", "-mesh-psk-file", dest="mesh_psk_file", metavar="FILE",
+                        help="derper's mesh key (64 hex), as derpprobe: lets the probe's keys through nodes "
+                             "that verify clients (also TAILSCALE_DERPER_MESH_KEY)")
     parser.set_defaults(func=cmd_probe)

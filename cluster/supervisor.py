@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Config, ConfigError
+from .config import SETTINGS_BY_KEY, Config, ConfigError
 from .http_port import check_http_port
 from .ports import check_port_free
 from .tls import check_tls_config
@@ -63,11 +64,16 @@ class Supervisor:
     # -- setup --------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        preflight(self.config)
         host, port = self.config.listen_addr
         if port == 0:
             raise ConfigError("server.listen (--listen): workers share the port, so it cannot be 0")
         check_port_free(host, port)
         check_http_port(self.config)
+        if self.config.values["server.certmode"] == "letsencrypt":
+            from .acme import preflight as acme_preflight
+
+            acme_preflight(self.config)
         tls_note = check_tls_config(self.config)
         if tls_note:
             self.say(tls_note)
@@ -99,11 +105,31 @@ class Supervisor:
             raise ConfigError(f"server.run_dir (--run-dir): {self.run_dir} is in use by another cluster; "
                               "give each cluster its own --run-dir") from exc
         (self.run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+        if self.config.values["server.certmode"] == "letsencrypt":
+            from .acme import AcmeManager
+            from .http_port import ACME_DIR_ENV
+
+            # waits for the workers' HTTP port itself, then orders (or renews) the certificate
+            self.acme = AcmeManager(self.config)
+            self.extra_env[ACME_DIR_ENV] = str(self.acme.challenges)
+            self.acme.start()
+        token = self.config.admin_token_value()
+        if token:
+            # Workers get the admin token through a 0600 file in the (0700) run dir, never on their
+            # command line, which every local user can read in /proc/PID/cmdline.
+            path = self.run_dir / "admin-token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token + "\n")
+            self._admin_token_file = str(path)
 
     def settings_json(self) -> str:
         values = dict(self.config.values)
         values["server.run_dir"] = str(self.run_dir)
         values["server.state_dir"] = str(self.config.state_path)
+        values["server.key_file"] = str(self.config.server_key_path)
+        values["server.admin_token"] = ""
+        values["server.admin_token_file"] = getattr(self, "_admin_token_file", "")
         return json.dumps(values)
 
     # -- processes ----------------------------------------------------------------------------------
@@ -182,6 +208,8 @@ class Supervisor:
         finally:
             # Whatever happened to the supervisor, it must not leave orphaned workers behind.
             self.stop_workers(signal.SIGKILL)
+            if getattr(self, "acme", None) is not None:
+                self.acme.close()
 
     def _run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
@@ -244,6 +272,89 @@ class Supervisor:
         tmp = self.run_dir / "supervisor.json.tmp"
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.run_dir / "supervisor.json")
+
+
+def preflight(config: Config) -> None:
+    """Every setting a worker would refuse, checked once before any worker starts, so a bad value is
+    one line and exit 2 instead of N workers crashing in a restart loop."""
+    v = config.values
+    state = config.state_path
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe = state / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"server.state_dir (--state-dir): cannot write to {state}: {exc.strerror}; "
+                          "pick a directory this user can write (it holds the server key)") from exc
+    from relay_worker.keys import load_or_create_server_key
+
+    key_path = config.server_key_path
+    try:
+        load_or_create_server_key(key_path)
+    except OSError as exc:
+        raise ConfigError(f"server.key_file (--key-file / -c): cannot read or create {key_path}: "
+                          f"{exc.strerror}; point it at a writable path") from exc
+    except Exception as exc:  # keys.KeyError_: not derper's {"PrivateKey": "privkey:..."} JSON
+        raise ConfigError(f"server.key_file (--key-file / -c): {exc}; fix or remove the file "
+                          "(a new key is created when it is missing)") from exc
+    if v["server.mesh_key_file"]:
+        path = Path(v["server.mesh_key_file"])
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"server.mesh_key_file (--mesh-key-file / -mesh-psk-file): cannot read {path}: "
+                              f"{exc.strerror}") from exc
+        if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise ConfigError(f"server.mesh_key_file (--mesh-key-file / -mesh-psk-file): {path} must hold 64 "
+                              "hex characters (derper's mesh key format)")
+    if v["server.mesh_with"] and not v["server.mesh_key_file"]:
+        raise ConfigError("server.mesh_with (--mesh-with): meshing with derpers needs their mesh key; "
+                          "pass --mesh-key-file / -mesh-psk-file FILE")
+    if v["server.admin_token_file"] and not v["server.admin_token"]:
+        try:
+            Path(v["server.admin_token_file"]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"server.admin_token_file (--admin-token-file): cannot read "
+                              f"{v['server.admin_token_file']}: {exc.strerror}") from exc
+    if v["admission.verify_clients"]:
+        sock = v["admission.tailscaled_socket"] or "/var/run/tailscale/tailscaled.sock"
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(sock).st_mode)
+        except OSError as exc:
+            raise ConfigError(f"admission.tailscaled_socket (--tailscaled-socket / -socket): --verify-clients "
+                              f"needs tailscaled's socket, and {sock}: {exc.strerror}; start tailscaled or "
+                              "point -socket at its socket") from exc
+        if not is_socket:
+            raise ConfigError(f"admission.tailscaled_socket (--tailscaled-socket / -socket): {sock} is not a "
+                              "unix socket; point it at tailscaled's socket")
+    url = v["admission.verify_client_url"]
+    if url:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"admission.verify_client_url (--verify-client-url): {url!r} is not an "
+                              "http(s)://HOST[:PORT]/PATH URL")
+    if v["admission.allow_keys_file"] and not Path(v["admission.allow_keys_file"]).is_file():
+        raise ConfigError(f"admission.allow_keys_file (--allow-keys-file): {v['admission.allow_keys_file']} "
+                          "does not exist; create it (one nodekey:<hex> per line)")
+    if v["admission.timeout"] <= 0:
+        raise ConfigError("admission.timeout (--admission-timeout): must be > 0 seconds")
+    if v["limits.handshake_timeout"] <= 0:
+        raise ConfigError("limits.handshake_timeout (--handshake-timeout): must be > 0 seconds")
+    for key in ("limits.accept_connection_limit", "limits.accept_connection_limit_per_ip", "admission.cache_ttl"):
+        if v[key] < 0:
+            raise ConfigError(f"{key} ({SETTINGS_BY_KEY[key].flag}): must be >= 0 (0 = off)")
+    for key in ("limits.bytes_per_second", "limits.bytes_burst", "limits.accept_connection_burst",
+                "limits.max_clients"):
+        if v[key] < 0:
+            raise ConfigError(f"{key} ({SETTINGS_BY_KEY[key].flag}): must be >= 0 (0 = unlimited)")
 
 
 def _ignore_sighup() -> None:

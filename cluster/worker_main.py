@@ -34,6 +34,7 @@ from relay_worker.server import WorkerServer, make_listen_socket, make_unix_sock
 from stun.server import start_stun_server
 
 from .config import Config, load_config, parse_hostport
+from .derpmap import published_derp_node
 from .http_port import SideServers
 from .node_metrics import gather_worker_docs, node_metrics_text
 from .tls import CertReloader, build_ssl_context
@@ -52,7 +53,7 @@ def read_mesh_key(path: str) -> str:
 
 async def worker_main(config: Config, index: int, incarnation: int) -> None:
     run_dir = config.run_path
-    server_key = load_or_create_server_key(config.state_path / "derp.key")
+    server_key = load_or_create_server_key(config.server_key_path)
     relay = Relay(
         server_key,
         mesh_key=read_mesh_key(config.mesh_key_file),
@@ -165,6 +166,7 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
     for seed in config.node_join:
         host, port = parse_hostport(seed)
         mesh.add_seed(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")
+    mesh.derp_node = published_derp_node(config)  # in heartbeats, for `cluster derpmap --running`
     return mesh
 
 

@@ -69,8 +69,9 @@ class DerpMeshPeer:
         backoff = 0.5
         while True:
             try:
-                self.client = await DerpClient.connect(self.url, self.private_key, mesh_key=self.mesh_key,
-                                                       timeout=10)
+                dial_url, tls_name = _dial_target(self.url)
+                self.client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
+                                                       server_hostname=tls_name, timeout=10)
                 self.connects += 1
                 await self.client.watch_conns()
                 self.connected = True
@@ -111,3 +112,18 @@ class DerpMeshPeer:
     def stats(self) -> dict[str, object]:
         return {"url": self.url, "connected": self.connected, "keys": len(self.keys), "forwarded": self.forwarded,
                 "dropped": self.dropped, "connects": self.connects, "last_error": self.last_error}
+
+
+def _dial_target(url: str) -> tuple[str, str | None]:
+    """derper's -mesh-with HOST/DIALHOST arrives as https://HOST/derp#dial=DIALHOST (cluster/config.py):
+    dial DIALHOST, check TLS against HOST. Returns (url to dial, TLS server name or None)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.fragment.startswith("dial="):
+        return url, None
+    dial = parts.fragment[len("dial="):]
+    netloc = f"[{dial}]" if ":" in dial else dial
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), parts.hostname

@@ -77,6 +77,12 @@ class Published:
 class WorkerMesh:
     """Implements relay_worker.relay.Forwarder on top of a Directory and a MeshTransport."""
 
+    #: this node's DERPNode, sent in heartbeats for `cluster derpmap --running` (set by cluster/)
+    derp_node: dict[str, Any] | None = None
+    #: the DERPNode each member last published (opaque here; at most MAX_DERP_SEEN members)
+    derp_seen: dict[Owner, dict[str, Any]] | None = None
+    MAX_DERP_SEEN = 1024
+
     def __init__(
         self,
         relay: Relay,
@@ -342,6 +348,7 @@ class WorkerMesh:
         self._apply_changes(self.directory.merge(decode_entries(encoded)))
 
     def _learn_members(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        self._learn_derp_node(sender, body.get("derp"))
         ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
         tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
         region = body.get("region") if isinstance(body.get("region"), int) else 0
@@ -381,6 +388,14 @@ class WorkerMesh:
             return True
         self.members_refused += 1
         return False
+
+    def _learn_derp_node(self, sender: Owner, derp: Any) -> None:
+        if not isinstance(derp, dict) or sender == self.owner:
+            return
+        if self.derp_seen is None:
+            self.derp_seen = {}
+        if sender in self.derp_seen or len(self.derp_seen) < self.MAX_DERP_SEEN:
+            self.derp_seen[sender] = derp
 
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""
@@ -465,9 +480,10 @@ class WorkerMesh:
         members = [[self.owner.node, self.owner.worker, self.ipc_endpoint, self.tcp_endpoint, self.region]]
         members += [[o.node, o.worker, p.ipc, p.tcp, p.region] for o, p in self.peers.items() if p.alive]
         dead = [[o.node, o.worker, inc] for o, inc in self.dead_marks.items()]
+        extra = {"derp": self.derp_node} if self.derp_node else {}
         return wire.build_control(wire.HEARTBEAT, self._envelope(
             digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
-            members=members, dead=dead))
+            members=members, dead=dead, **extra))
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -559,6 +575,9 @@ class WorkerMesh:
                 "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
+                "derp_node": self.derp_node,
+                "derp_nodes": {f"{o.node}/{o.worker}": node for o, node in (self.derp_seen or {}).items()
+                               if (peer := self.peers.get(o)) is not None and peer.alive},
                 "peers": {f"{o.node}/{o.worker}": {
                     "node": o.node, "worker": o.worker, "region": p.region, "alive": p.alive,
                     "incarnation": p.incarnation, "endpoint": p.endpoint, "busy": p.busy,

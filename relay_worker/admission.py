@@ -6,12 +6,14 @@ Checks, in this order, every configured one having to pass (the first refusal de
 2. tailscaled's LocalAPI (derper's --verify-clients): `GET /localapi/v0/whois?addr=nodekey:<hex>` over
    its unix socket; 200 admits, 404 refuses, anything else refuses (fail closed);
 3. an admission URL (derper's --verify-client-url, served by headscale at /verify): POST
-   `{"NodePublic": "nodekey:<hex>", "Source": "<ip>"}`, admit on 200 with `{"Allow": true}`; when the
-   URL is unreachable, times out or answers 5xx, `fail_open` decides.
+   `{"NodePublic": "nodekey:<hex>", "Source": "<ip>"}`, admit on 200 with `{"Allow": true}` (the field
+   name matched case-insensitively and only the first JSON value read, as Go's decoder does); any other
+   status refuses; only when the URL is unreachable or times out does `fail_open` decide.
 
-The two remote checks are cached per node key (positive and negative TTLs), concurrent handshakes of
-one key share one lookup, lookups have a timeout and a concurrency cap, and all of it runs as tasks on
-the worker's loop: a slow or dead verifier delays only the handshakes that wait for it, never the relay
+As in derper, every connection is checked with its own Source (no cache by default). An opt-in
+decision cache (cache_ttl > 0) keeps answers per node key; concurrent handshakes of one key and source
+share one lookup, lookups have a timeout and a concurrency cap, and all of it runs as tasks on the
+worker's loop: a slow or dead verifier delays only the handshakes that wait for it, never the relay
 path or other clients' handshakes.
 
 This module takes plain parameters and imports nothing from `cluster` (relay_worker must not).
@@ -46,6 +48,10 @@ LOCALAPI_HOST = "local-tailscaled.sock"
 LOCALAPI_CAPABILITY = "115"
 #: derper reads at most 4 KiB of the admission controller's answer; a little more room costs nothing.
 MAX_RESPONSE_BODY = 64 * 1024
+#: derper decodes at most this much of the admission controller's answer (io.LimitReader 4<<10).
+VERIFY_URL_DECODE_LIMIT = 4 << 10
+#: tailscaled's whois document grows with the node's capability map; Go's client reads it whole.
+MAX_LOCALAPI_BODY = 4 * 1024 * 1024
 MAX_RESPONSE_HEAD = 16 * 1024
 
 Callback = Callable[[bool, str], None]
@@ -61,6 +67,11 @@ class Decision:
 
 class VerifierError(Exception):
     """A verifier could not give an answer (unreachable, timed out, malformed reply)."""
+
+
+class BodyError(VerifierError):
+    """The answer's status line and headers arrived, its body could not be read (Go: the request
+    succeeded and decoding its body failed)."""
 
 
 # -- a minimal HTTP/1.1 client ---------------------------------------------------------------------
@@ -83,11 +94,15 @@ async def http_request(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
     want_body: Callable[[int], bool] | bool = True,
+    max_body: int = MAX_RESPONSE_BODY,
+    truncate: bool = False,
+    progress: dict[str, int] | None = None,
 ) -> tuple[int, bytes]:
     """One request on a new connection; returns (status, body). Raises OSError or VerifierError.
 
     want_body may be a predicate on the status: the body of an answer we only need the status of is
-    never read (tailscaled's whois document can be large and we do not use it).
+    never read. truncate: keep the first max_body bytes of a longer body instead of failing (derper
+    reads only the first 4 KiB of an admission answer). progress["status"] is set once the head is in.
     """
     if unix_path is not None:
         reader, writer = await asyncio.open_unix_connection(unix_path, limit=MAX_RESPONSE_HEAD)
@@ -106,9 +121,11 @@ async def http_request(
             status, response_headers = await _read_head(reader)
             if not 100 <= status < 200:
                 break  # skip interim answers such as 100 Continue
+        if progress is not None:
+            progress["status"] = status
         if not (want_body(status) if callable(want_body) else want_body):
             return status, b""
-        return status, await _read_body(reader, response_headers)
+        return status, await _read_body(reader, response_headers, max_body, truncate)
     finally:
         writer.close()
         with contextlib.suppress(Exception):
@@ -134,7 +151,8 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
     return int(parts[1]), headers
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str],
+                     max_body: int = MAX_RESPONSE_BODY, truncate: bool = False) -> bytes:
     try:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             out = bytearray()
@@ -143,26 +161,96 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
                 size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
                 if size == 0:
                     return bytes(out)
-                if len(out) + size > MAX_RESPONSE_BODY:
-                    raise VerifierError("HTTP answer body too large")
+                if len(out) + size > max_body:
+                    if truncate:
+                        out += await reader.readexactly(max_body - len(out))
+                        return bytes(out)
+                    raise BodyError("HTTP answer body too large")
                 out += await reader.readexactly(size)
                 await reader.readexactly(2)
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit() or int(length) > MAX_RESPONSE_BODY:
-                raise VerifierError(f"bad or too large Content-Length {length[:20]!r}")
+            if not length.isdigit():
+                raise BodyError(f"bad Content-Length {length[:20]!r}")
+            if int(length) > max_body:
+                if truncate:
+                    return await reader.readexactly(max_body)
+                raise BodyError(f"too large Content-Length {length[:20]!r}")
             return await reader.readexactly(int(length))
-        data = await reader.read(MAX_RESPONSE_BODY + 1)  # Connection: close: the body ends at EOF
-        while data and len(data) <= MAX_RESPONSE_BODY:
-            more = await reader.read(MAX_RESPONSE_BODY + 1 - len(data))
+        data = await reader.read(max_body + 1)  # Connection: close: the body ends at EOF
+        while data and len(data) <= max_body:
+            more = await reader.read(max_body + 1 - len(data))
             if not more:
                 break
             data += more
-        if len(data) > MAX_RESPONSE_BODY:
-            raise VerifierError("HTTP answer body too large")
+        if len(data) > max_body:
+            if truncate:
+                return data[:max_body]
+            raise BodyError("HTTP answer body too large")
         return data
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-        raise VerifierError(f"malformed HTTP answer body: {exc}") from exc
+        raise BodyError(f"malformed HTTP answer body: {exc}") from exc
+
+
+# -- Go-compatible JSON reading -------------------------------------------------------------------
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as its (key, value) pairs in order, duplicates kept (Go's decoder sees them all)."""
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_no_constants)
+
+
+def first_json_value(data: bytes) -> Any:
+    """The first JSON value in data, as Go's json.Decoder.Decode reads it: leading whitespace skipped,
+    anything after the value ignored, invalid UTF-8 replaced. Objects come back as _Pairs."""
+    text = data.decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if start == len(text):
+        raise ValueError("empty answer (EOF)")
+    value, _ = _DECODER.raw_decode(text, start)
+    return value
+
+
+def admit_response_allows(body: bytes) -> bool:
+    """tailcfg.DERPAdmitClientResponse decoded as derper does (first 4 KiB, first value): True when
+    Allow is true. Go matches field names case-insensitively and the last duplicate wins; a null
+    leaves the field false. Raises ValueError where Go's Decode returns an error."""
+    doc = first_json_value(body[:VERIFY_URL_DECODE_LIMIT])
+    if doc is None:
+        return False
+    if not isinstance(doc, _Pairs):
+        raise ValueError(f"want a JSON object, got {type(doc).__name__}")
+    allow = False
+    for name, value in doc:
+        if name.lower() != "allow":
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"Allow is {type(value).__name__}, not a boolean")
+        allow = value
+    return allow
+
+
+def check_whois_json(body: bytes) -> None:
+    """apitype.WhoIsResponse as Go's client decodes it (json.Unmarshal: the whole body, one value).
+    Raises ValueError when Go would fail: not JSON, trailing data, or a wrongly typed top level."""
+    text = body.decode("utf-8", "replace")
+    value = _DECODER.decode(text)  # rejects trailing non-whitespace, as json.Unmarshal does
+    if value is None:
+        return
+    if not isinstance(value, _Pairs):
+        raise ValueError(f"want a JSON object, got {type(value).__name__}")
+    for name, field_value in value:
+        if name.lower() in ("node", "userprofile", "capmap") and field_value is not None \
+                and not isinstance(field_value, _Pairs):
+            raise ValueError(f"{name} is {type(field_value).__name__}, not an object")
 
 
 # -- the policy ------------------------------------------------------------------------------------
@@ -196,7 +284,7 @@ class AdmissionPolicy:
         verify_client_url: str = "",
         fail_open: bool = True,
         allow_keys_file: str = "",
-        cache_ttl: float = 30.0,
+        cache_ttl: float = 0.0,
         negative_ttl: float | None = None,
         error_ttl: float | None = None,
         timeout: float = 5.0,
@@ -229,7 +317,8 @@ class AdmissionPolicy:
             # the system trust store (SSL_CERT_FILE / SSL_CERT_DIR point it at a private CA)
             self._ssl = ssl_context or ssl.create_default_context()
         self._cache: dict[bytes, tuple[float, Decision]] = {}
-        self._inflight: dict[bytes, asyncio.Task[Decision]] = {}
+        # in-flight lookups by (key, source): without a cache, each Source gets its own answer
+        self._inflight: dict[tuple[bytes, str], asyncio.Task[Decision]] = {}
         self._tasks: set[asyncio.Task[Decision]] = set()
         self._slots = asyncio.Semaphore(max_lookups)
         self._allowed: frozenset[bytes] = frozenset()
@@ -268,7 +357,7 @@ class AdmissionPolicy:
             self._count(True, "ok")
             callback(True, "")
             return
-        cached = self._cache.get(key)
+        cached = self._cache.get(key) if self.cache_ttl > 0 else None
         if cached is not None:
             if cached[0] > now:
                 self.counters["cache_hits"] += 1
@@ -278,10 +367,10 @@ class AdmissionPolicy:
                 return
             del self._cache[key]
         self.counters["cache_misses"] += 1
-        task = self._inflight.get(key)
+        task = self._inflight.get((key, source))
         if task is None:
             task = asyncio.get_running_loop().create_task(self._lookup(key, source))
-            self._inflight[key] = task
+            self._inflight[(key, source)] = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -318,8 +407,8 @@ class AdmissionPolicy:
             log.exception("admission lookup for %s failed", nodekey_text(key))
             decision = Decision(False, f"admission lookup failed: {exc}", "internal_error", 0.0)
         finally:
-            self._inflight.pop(key, None)
-        if decision.ttl > 0:
+            self._inflight.pop((key, source), None)
+        if decision.ttl > 0 and self.cache_ttl > 0:
             self._store(key, decision)
         return decision
 
@@ -356,7 +445,7 @@ class AdmissionPolicy:
             async with asyncio.timeout(self.timeout):
                 status, body = await http_request(
                     "GET", target, host_header=LOCALAPI_HOST, unix_path=path,
-                    headers={"Tailscale-Cap": LOCALAPI_CAPABILITY}, want_body=lambda code: code != 200)
+                    headers={"Tailscale-Cap": LOCALAPI_CAPABILITY}, max_body=MAX_LOCALAPI_BODY)
         except FileNotFoundError:
             problem = f"tailscaled LocalAPI socket {path} missing"
         except ConnectionRefusedError:
@@ -369,12 +458,20 @@ class AdmissionPolicy:
             problem = f"tailscaled LocalAPI at {path} failed: {exc}"
         else:
             if status == 200:
-                return Decision(True, "", "ok", self.cache_ttl)
-            if status == 404:
+                try:
+                    check_whois_json(body)
+                except ValueError as exc:
+                    problem = f"tailscaled LocalAPI at {path} answered 200 with a whois body that is not " \
+                              f"WhoIsResponse JSON ({exc})"
+                else:
+                    return Decision(True, "", "ok", self.cache_ttl)
+            elif status == 404:
                 return Decision(False, f"{nodekey_text(key)} not found in local tailscaled "
                                 "(not a node of this tailnet)", "not_in_tailnet", self.negative_ttl)
             text = body[:200].decode("utf-8", "replace").strip()
-            if status == 400 and "invalid 'addr'" in text:
+            if problem:
+                pass
+            elif status == 400 and "invalid 'addr'" in text:
                 problem = "tailscaled is too old to look up node keys (whois?addr=nodekey:… needs 1.70+)"
             elif status == 403:
                 problem = f"tailscaled LocalAPI at {path} denied whois (403 {text!r})"
@@ -394,41 +491,48 @@ class AdmissionPolicy:
         payload = json.dumps({"NodePublic": nodekey_text(key), "Source": source}).encode()
         problem = ""
         status = 0
+        progress: dict[str, int] = {}
         try:
             async with asyncio.timeout(self.timeout):
                 status, body = await http_request(
                     "POST", target, host_header=host_header, host=host, port=port, ssl_context=self._ssl,
-                    headers={"Content-Type": "application/json", "Accept": "application/json"}, body=payload)
-        except TimeoutError:
-            problem = f"verify URL {self.verify_client_url} did not answer within {self.timeout:g}s"
+                    headers={"Content-Type": "application/json", "Accept": "application/json"}, body=payload,
+                    max_body=VERIFY_URL_DECODE_LIMIT, truncate=True, progress=progress)
+        except (TimeoutError, BodyError) as exc:
+            if "status" not in progress:
+                problem = f"verify URL {self.verify_client_url} did not answer within {self.timeout:g}s"
+            else:
+                # The answer's head arrived (Go's Do returned): a body we cannot read is a refusal,
+                # never a fail-open admit.
+                self.verifier_errors["url"] += 1
+                what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                why = f"verify URL {self.verify_client_url} answered {progress['status']} and its body failed: {what}"
+                self._log_problem("urlbody", f"{why}: refusing %s", key)
+                return Decision(False, why, "url_error", self.error_ttl)
         except (OSError, VerifierError) as exc:
             problem = f"verify URL {self.verify_client_url} unreachable: {exc.strerror or exc}" if isinstance(
                 exc, OSError) else f"verify URL {self.verify_client_url} failed: {exc}"
         else:
-            if status >= 500:
-                problem = f"verify URL {self.verify_client_url} answered {status}"
-            elif status != 200:
-                # A 4xx is the controller (or a proxy in front of it) refusing our request, usually a
-                # wrong path or auth; that is a configuration error, not an outage: refuse, loudly.
+            if status != 200:
+                # derper: any status but 200 is the controller's answer, a refusal, whatever the
+                # fail-open setting (headscale answers 500 when its lookup fails). Logged, because a
+                # 4xx usually means a wrong path or auth in the URL.
                 self.verifier_errors["url"] += 1
                 why = f"verify URL {self.verify_client_url} answered {status}"
-                self._log_problem("url4xx", f"{why}: refusing %s", key)
+                self._log_problem("urlstatus", f"{why}: refusing %s", key)
                 return Decision(False, why, "url_error", self.error_ttl)
-            else:
-                try:
-                    doc = json.loads(body)
-                except ValueError:
-                    doc = None
-                if not isinstance(doc, dict):
-                    self.verifier_errors["url"] += 1
-                    why = f"verify URL {self.verify_client_url} answered 200 without a JSON object"
-                    self._log_problem("urljson", f"{why}: refusing %s", key)
-                    return Decision(False, why, "url_error", self.error_ttl)
-                if doc.get("Allow") is True:
-                    return Decision(True, "", "ok", self.cache_ttl)
-                return Decision(False, f"verify URL refused {nodekey_text(key)} from {source or '?'}",
-                                "url_denied", self.negative_ttl)
-        # Unreachable, timed out or 5xx: the controller could not decide; fail_open does.
+            try:
+                allowed = admit_response_allows(body)
+            except ValueError as exc:
+                self.verifier_errors["url"] += 1
+                why = f"verify URL {self.verify_client_url} answered 200 without a DERPAdmitClientResponse ({exc})"
+                self._log_problem("urljson", f"{why}: refusing %s", key)
+                return Decision(False, why, "url_error", self.error_ttl)
+            if allowed:
+                return Decision(True, "", "ok", self.cache_ttl)
+            return Decision(False, f"verify URL refused {nodekey_text(key)} from {source or '?'}",
+                            "url_denied", self.negative_ttl)
+        # Unreachable or timed out (derper: http.Client.Do returned an error): fail_open decides.
         self.verifier_errors["url"] += 1
         if self.fail_open:
             self.counters["fail_open_admits"] += 1
@@ -590,7 +694,8 @@ def install(
     )
     relay.admission = policy
     checks = ", ".join(policy.stats()["checks"])
-    log.info("admission on (%s); decisions cached %gs (refusals %gs, verifier errors %gs), lookup timeout %gs%s",
-             checks, policy.cache_ttl, policy.negative_ttl, policy.error_ttl, timeout,
+    caching = (f"decisions cached {policy.cache_ttl:g}s (refusals {policy.negative_ttl:g}s, verifier errors "
+               f"{policy.error_ttl:g}s)" if policy.cache_ttl > 0 else "every connection checked (no decision cache)")
+    log.info("admission on (%s); %s, lookup timeout %gs%s", checks, caching, timeout,
              "" if not verify_client_url else f", verify URL fail-{'open' if fail_open else 'closed'}")
     return policy

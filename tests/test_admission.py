@@ -79,6 +79,7 @@ class FakeLocalAPI:
     known: set[bytes] = field(default_factory=set)
     delay: float = 0.0
     status_override: int = 0
+    body_override: bytes | None = None
     requests: list[SeenRequest] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
 
@@ -117,6 +118,8 @@ class FakeLocalAPI:
             return _response(400, b"invalid 'addr' parameter\n", "text/plain")
         if bytes.fromhex(addr[8:]) not in self.known:
             return _response(404, b"no match for IP:port\n", "text/plain")
+        if self.body_override is not None:
+            return _response(200, self.body_override)
         doc = {"Node": {"ID": 1, "Key": addr, "Name": "n.example.ts.net."},
                "UserProfile": {"ID": 2, "LoginName": "a@example.com"}, "CapMap": {"x": [json.dumps("y" * 40)] * 200}}
         return _response(200, json.dumps(doc, indent="\t").encode())
@@ -374,8 +377,20 @@ URL_CASES = {
     "allow": ((200, b'{"Allow":true}', 0.0), False, True),
     "deny": ((200, b'{"Allow":false}', 0.0), True, False),
     "allow_not_true": ((200, b'{"Allow":"yes"}', 0.0), True, False),
-    "500_fail_open": ((500, b"oops", 0.0), True, True),
+    # derper (B2): any non-200 status is a refusal, fail-open or not; headscale answers 500 on errors
+    "500_refuses_even_fail_open": ((500, b"oops", 0.0), True, False),
+    "503_refuses_even_fail_open": ((503, b"", 0.0), True, False),
     "500_fail_closed": ((500, b"oops", 0.0), False, False),
+    # Go's decoder (D9): field names case-insensitive, first value only, last duplicate wins
+    "lowercase_allow": ((200, b'{"allow":true}', 0.0), False, True),
+    "uppercase_allow": ((200, b'{"ALLOW":true}', 0.0), False, True),
+    "trailing_data_ignored": ((200, b' \n{"Allow":true}\n{"Allow":false} garbage', 0.0), False, True),
+    "last_duplicate_wins": ((200, b'{"Allow":true,"allow":false}', 0.0), True, False),
+    "null_allow_refuses": ((200, b'{"Allow":null}', 0.0), True, False),
+    "empty_body_refuses_even_fail_open": ((200, b"", 0.0), True, False),
+    "not_json_refuses_even_fail_open": ((200, b"<html>ok</html>", 0.0), True, False),
+    "array_refuses": ((200, b"[true]", 0.0), True, False),
+    "allow_beyond_4k_refuses": ((200, b'{"pad":"' + b"x" * 5000 + b'","Allow":true}', 0.0), True, False),
     "timeout_fail_open": ((-1, b"", 0.0), True, True),
     "timeout_fail_closed": ((-1, b"", 0.0), False, False),
     "4xx_refuses_even_fail_open": ((404, b"not here", 0.0), True, False),
@@ -484,6 +499,57 @@ async def test_both_remote_checks_must_pass(tmp_sock_dir: Path) -> None:
     finally:
         await api.close()
         await verifier.close()
+
+
+async def test_localapi_200_must_carry_whois_json(tmp_sock_dir: Path) -> None:
+    """Go's WhoIsNodeKey decodes the 200 body (json.Unmarshal into WhoIsResponse); a body that does not
+    decode is an error, so derper refuses the client."""
+    key = PrivateKey.generate().public().raw
+    api = await FakeLocalAPI(tmp_sock_dir / "ts.sock", {key}).start()
+    try:
+        policy = AdmissionPolicy(verify_clients=True, tailscaled_socket=str(api.path))
+        assert (await policy.decide(key)).allowed  # the fake's real whois document
+        for bad in (b"not json", b'{"Node":{}} trailing', b"[1]", b'{"Node":"x"}'):
+            api.body_override = bad
+            decision = await AdmissionPolicy(verify_clients=True, tailscaled_socket=str(api.path)).decide(key)
+            assert not decision.allowed and "WhoIsResponse JSON" in decision.reason, bad
+        api.body_override = b"null"  # decodes (to a nil response) in Go too
+        assert (await AdmissionPolicy(verify_clients=True, tailscaled_socket=str(api.path)).decide(key)).allowed
+    finally:
+        await api.close()
+
+
+async def test_no_cache_by_default_every_connection_asks_with_its_own_source() -> None:
+    """derper runs verifyClient on every connection with that connection's Source (D9)."""
+    key = PrivateKey.generate().public().raw
+    verifier = await FakeVerifyURL().start()
+    policy = AdmissionPolicy(verify_client_url=verifier.url)
+    try:
+        assert (await policy.decide(key, "192.0.2.1")).allowed
+        verifier.answers[key] = (200, b'{"Allow":false}', 0.0)  # removed from the tailnet
+        assert not (await policy.decide(key, "192.0.2.2")).allowed, "no cached admit outlives the removal"
+        assert [json.loads(r.body)["Source"] for r in verifier.requests] == ["192.0.2.1", "192.0.2.2"]
+        assert policy.stats()["cache_entries"] == 0
+    finally:
+        await verifier.close()
+
+
+async def test_verify_url_body_stalling_after_200_head_refuses_even_fail_open() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"Allow\"")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        policy = AdmissionPolicy(verify_client_url=f"http://127.0.0.1:{port}/v", fail_open=True, timeout=0.5)
+        decision = await policy.decide(PrivateKey.generate().public().raw)
+        assert not decision.allowed and "answered 200 and its body failed" in decision.reason
+        assert policy.stats()["fail_open_admits"] == 0
+    finally:
+        server.close()
 
 
 # -- cache, shared lookups, slow verifiers --------------------------------------------------------------
@@ -628,7 +694,7 @@ async def test_allow_keys_file_with_relay(tmp_path: Path) -> None:
 async def test_reload_forgets_cached_decisions() -> None:
     key = PrivateKey.generate().public().raw
     verifier = await FakeVerifyURL().start()
-    policy = AdmissionPolicy(verify_client_url=verifier.url)
+    policy = AdmissionPolicy(verify_client_url=verifier.url, cache_ttl=30)
     try:
         assert (await policy.decide(key)).allowed
         verifier.answers[key] = (200, b'{"Allow":false}', 0.0)  # the node was removed from the tailnet

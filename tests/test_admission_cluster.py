@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,14 +99,30 @@ async def test_verify_clients_admits_tailnet_nodes_and_refuses_strangers(sock_di
         await api.close()
 
 
-async def test_verify_clients_socket_missing_refuses_with_clear_log(sock_dir: Path) -> None:
+def test_verify_clients_socket_missing_is_a_start_error(sock_dir: Path) -> None:
+    """Noticed at start (one line, exit 2), not as a refusal of every connection."""
     missing = sock_dir / "tailscaled.sock"
+    result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen", "127.0.0.1:0",
+                             "--state-dir", str(sock_dir / "state"), "--verify-clients", "--tailscaled-socket",
+                             str(missing)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "admission.tailscaled_socket" in line and str(missing) in line and "start tailscaled" in line
+
+
+async def test_verify_clients_socket_not_answering_refuses_with_clear_log(sock_dir: Path) -> None:
+    dead = sock_dir / "tailscaled.sock"
+    holder = socket.socket(socket.AF_UNIX)  # the socket file exists, nobody accepts on it
+    holder.bind(str(dead))
     key = PrivateKey.generate()
-    async with cluster_up("--verify-clients", "--tailscaled-socket", str(missing)) as cluster:
-        await connect_expect_refused(cluster.url, key)
-        await wait_log(cluster, f"tailscaled LocalAPI socket {missing} missing: refusing "
-                                f"nodekey:{key.public().raw.hex()}")
-        assert worker_doc(cluster)["worker"]["refused_clients"] == 1
+    try:
+        async with cluster_up("--verify-clients", "--tailscaled-socket", str(dead)) as cluster:
+            await connect_expect_refused(cluster.url, key)
+            await wait_log(cluster, f"tailscaled LocalAPI socket {dead} refuses connections (is tailscaled "
+                                    f"running?): refusing nodekey:{key.public().raw.hex()}")
+            assert worker_doc(cluster)["worker"]["refused_clients"] == 1
+    finally:
+        holder.close()
 
 
 # -- verify URL ----------------------------------------------------------------------------------------
@@ -125,11 +143,14 @@ async def test_verify_url_allow_deny_and_unreachable_fail_closed() -> None:
 
 
 async def test_verify_url_env_form_fail_open() -> None:
-    """The docker-compose form: DERP_VERIFY_CLIENT_URL + DERP_VERIFY_CLIENT_URL_FAIL_OPEN."""
+    """The docker-compose form: DERP_VERIFY_CLIENT_URL + DERP_VERIFY_CLIENT_URL_FAIL_OPEN. Fail-open
+    admits only when the controller is unreachable; a 503 answer is a refusal, as in derper."""
     verifier = await FakeVerifyURL(default=(503, b"down", 0.0)).start()
     env = {"DERP_VERIFY_CLIENT_URL": verifier.url, "DERP_VERIFY_CLIENT_URL_FAIL_OPEN": "true"}
     try:
         async with cluster_up(env=env) as cluster:
+            await connect_expect_refused(cluster.url, PrivateKey.generate())
+            await verifier.close()  # now unreachable: fail-open admits
             client = await DerpClient.connect(cluster.url)
             await client.close()
             await wait_log(cluster, "(fail-open)")

@@ -23,7 +23,7 @@ def run_up(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     [
         (["--workers", "many"], None, "--workers"),
         (["--listen", "nowhere"], None, "--listen"),
-        (["--certmode", "letsencrypt"], None, "--certmode"),
+        (["--certmode", "gcp"], None, "--certmode"),
         (["--region-id", "5"], None, "--region-id"),
         ([], {"DERP_VERIFY_CLIENTS": "perhaps"}, "DERP_VERIFY_CLIENTS"),
         (["--join", "127.0.0.1:7946"], None, "--join"),

@@ -351,7 +351,7 @@ async def test_image_entrypoint_and_healthcheck_with_compose_env(tmp_path: Path,
     env.update(compose_env({"DERP_DOMAIN": HOST, "DERP_MESH_KEY_FILE": str(certdir / "mesh.key")}))
     assert env["DERP_VERIFY_CLIENTS"] == "true"  # the compose default stays on below
     # What differs from a container: loopback addresses and free ports instead of :443/:80, local
-    # dirs instead of volumes, a tailscaled socket that does not exist (so no stranger is
+    # dirs instead of volumes, a tailscaled socket nobody answers on (so no stranger is
     # admitted), and STUN off because DERP_STUN_PORT cannot move STUN off 0.0.0.0 (tests bind
     # loopback only).
     env.update(DERP_ADDR=f"127.0.0.1:{derp_port}", DERP_HTTP_PORT=str(http_port), DERP_CERT_DIR=str(certdir),
@@ -362,7 +362,9 @@ async def test_image_entrypoint_and_healthcheck_with_compose_env(tmp_path: Path,
     node.port = derp_port
     env["DERP_RUN_DIR"] = str(node.run_dir)
     url = f"https://127.0.0.1:{derp_port}/derp"
-    with node:
+    dead = socket.socket(socket.AF_UNIX)  # the mounted tailscaled socket, with no tailscaled behind it
+    dead.bind(env["DERP_TAILSCALED_SOCKET"])
+    with dead, node:
         ctx = trusting(ca)
         with pytest.raises(DerpClientError):  # DERP_VERIFY_CLIENTS: a stranger gets no ServerInfo
             await DerpClient.connect(url, ssl_context=ctx, server_hostname=HOST)

@@ -288,3 +288,45 @@ def test_duplicate_ids_and_names_are_refused(tmp_path: Path) -> None:
                     '[[regions]]\nregion_id = 901\nnodes = [{hostname = "b"}]\n')
     with pytest.raises(ConfigError, match="appears twice"):
         build_derpmap(load_config(path))
+
+
+def test_derpmap_of_a_running_cluster_lists_every_node_its_mesh_knows(tmp_path: Path) -> None:
+    """`cluster derpmap --running` on node a prints b too, with b's own ports, region and CertName."""
+    import os
+
+    from tests.support import ClusterProcess, free_port_range, wait_until
+
+    secret = tmp_path / "mesh.secret"
+    secret.write_text(os.urandom(32).hex() + "\n")
+    secret.chmod(0o600)
+    mesh_a, mesh_b = free_port_range(2), free_port_range(1)
+    common = ("--mesh-secret-file", str(secret))
+    a = ClusterProcess("--node-name", "a", "--mesh-listen", f"127.0.0.1:{mesh_a}", "--region-id", "901",
+                       "--region-code", "ams", "--region-name", "Amsterdam", *common, workers=2)
+    b = ClusterProcess("--node-name", "b", "--mesh-listen", f"127.0.0.1:{mesh_b}", "--join", f"127.0.0.1:{mesh_a}",
+                       "--region-id", "902", "--region-code", "fra", "--region-name", "Frankfurt",
+                       "--certmode", "selfsigned", "--hostname", "127.0.0.1", *common, workers=1)
+
+    def running(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cluster", "derpmap", "--running", "--run-dir", str(a.run_dir),
+                               *extra], capture_output=True, text=True, timeout=60)
+
+    with a, b:
+        def both() -> dict | None:
+            out = running()
+            doc = json.loads(out.stdout) if out.returncode == 0 else {}
+            return doc if len(doc.get("Regions", {})) == 2 else None
+
+        doc = wait_until(both, timeout=30, what="node a's mesh to know node b's DERP entry")
+        ams, fra = doc["Regions"]["901"], doc["Regions"]["902"]
+        assert (ams["RegionCode"], ams["RegionName"], fra["RegionCode"], fra["RegionName"]) == \
+            ("ams", "Amsterdam", "fra", "Frankfurt")
+        (node_a,) = ams["Nodes"]  # two workers, one node entry
+        (node_b,) = fra["Nodes"]
+        assert (node_a["Name"], node_a["DERPPort"], node_a.get("InsecureForTests")) == ("a", a.port, True)
+        assert (node_b["Name"], node_b["DERPPort"], node_b["HostName"]) == ("b", b.port, "127.0.0.1")
+        assert node_b["CertName"].startswith("sha256-raw:") and "InsecureForTests" not in node_b
+        hs = running("--format", "headscale")
+        assert hs.returncode == 0 and "regioncode: \"fra\"" in hs.stdout and f"derpport: {b.port}" in hs.stdout
+    gone = running()
+    assert gone.returncode == 1 and "no running cluster answers" in gone.stderr

@@ -570,3 +570,28 @@ def test_two_meshed_nodes_deliver_across(tmp_path: Path) -> None:
     assert proc.returncode == 0, json.dumps(report, indent=1) + "\n" + a.log() + "\n" + b.log()
     assert [(m["src"], m["dst"], m["status"]) for m in report["mesh"]] == [("900a", "900b", "ok"),
                                                                            ("900b", "900a", "ok")]
+
+
+def test_cli_passes_a_verify_clients_node_with_the_mesh_key(tmp_path: Path) -> None:
+    """As derpprobe -mesh-psk-file: a node that admits only tailnet members (here: a tailscaled socket
+    nobody answers on, so nobody) still lets the prober's keys through with the mesh key."""
+    import tempfile
+
+    mesh_key = tmp_path / "mesh.key"
+    mesh_key.write_text(os.urandom(32).hex() + "\n")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(tempfile.mktemp(prefix="ts-", suffix=".sock", dir="/tmp"))
+    with dead, ClusterProcess("--verify-clients", "--tailscaled-socket", dead.getsockname(), "--mesh-key-file",
+                              str(mesh_key), workers=1) as node:
+        without = run_probe(node.url, "--no-stun", "--json")
+        assert without.returncode == 1
+        assert json.loads(without.stdout)["nodes"][0]["checks"]["derp"]["status"] == "fail"
+        with_key = run_probe(node.url, "--no-stun", "--json", "--mesh-psk-file", str(mesh_key))
+        assert with_key.returncode == 0, with_key.stdout + with_key.stderr
+        assert json.loads(with_key.stdout)["nodes"][0]["checks"]["derp"]["status"] == "ok"
+        from_env = subprocess.run([sys.executable, "-m", "cluster", "probe", node.url, "--no-stun", "--json"],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "TAILSCALE_DERPER_MESH_KEY": mesh_key.read_text().strip()})
+        assert from_env.returncode == 0, from_env.stdout + from_env.stderr
+    bad = run_probe("http://127.0.0.1:1/derp", "--mesh-psk-file", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "--mesh-psk-file: cannot read" in bad.stderr

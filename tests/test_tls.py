@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -338,9 +339,11 @@ def test_healthcheck_with_admission_on(tmp_path: Path) -> None:
     # check's throwaway keys pass with derper's mesh key, as mesh peers do, and still relay.
     mesh_key = tmp_path / "mesh.key"
     mesh_key.write_text(os.urandom(32).hex() + "\n")
-    env = {"DERP_VERIFY_CLIENTS": "true", "DERP_TAILSCALED_SOCKET": str(tmp_path / "missing.sock"),
+    dead = socket.socket(socket.AF_UNIX)  # tailscaled's socket exists but nobody answers on it
+    dead.bind(tempfile.mktemp(prefix="ts-", suffix=".sock", dir="/tmp"))
+    env = {"DERP_VERIFY_CLIENTS": "true", "DERP_TAILSCALED_SOCKET": dead.getsockname(),
            "DERP_MESH_KEY_FILE": str(mesh_key)}
-    with ClusterProcess(env=env) as node:
+    with dead, ClusterProcess(env=env) as node:
         with_key = load_config(None, {**env, "DERP_ADDR": f"127.0.0.1:{node.port}"})
         assert health_check(with_key) == (True, f"http://127.0.0.1:{node.port}/derp relayed a packet")
         # without the key all it can say is that the DERP handshake is answered, and it says so

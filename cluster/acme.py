@@ -1,0 +1,280 @@
+"""certmode letsencrypt: certificates from an ACME CA (Let's Encrypt by default), as derper's autocert.
+
+The supervisor runs one AcmeManager thread; workers never talk to the CA. The flow:
+
+1. Before workers start, `ensure_placeholder` makes sure CERTDIR/HOSTNAME.crt/.key exist: a cached
+   certificate from an earlier run, one imported from derper's autocert cache (CERTDIR/HOSTNAME,
+   key and chain in one PEM), or else a self-signed placeholder so the TLS port can come up.
+2. The manager waits until the plain-HTTP port (server.http_port) answers, then orders a
+   certificate with the `acme` package (certbot's client), answering HTTP-01: the key authorization
+   goes to RUN_DIR/acme-http-01/TOKEN, which every worker's HTTP port serves at
+   /.well-known/acme-challenge/TOKEN (cluster/http_port.py).
+3. The new key and chain are written (key first, each atomically) over CERTDIR/HOSTNAME.crt/.key;
+   every worker's CertReloader hot-swaps them for new handshakes, no restart.
+4. It renews when a third of the lifetime or 30 days (autocert's RenewBefore) is left, whichever is
+   sooner; failures retry with backoff, the old certificate keeps serving meanwhile.
+
+TLS-ALPN-01 is not offered: answering it needs a per-handshake certificate choice on the ALPN
+protocol, which Python's ssl module cannot make. HTTP-01 needs port 80 reachable from the CA, which
+derper's default (-http-port 80) already has.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+log = logging.getLogger("cluster.acme")
+
+#: autocert.Manager.RenewBefore default
+RENEW_BEFORE = datetime.timedelta(days=30)
+#: autocert's account key file in its DirCache, reused so derper's cert dir keeps its ACME account
+ACCOUNT_KEY_FILE = "acme_account+key"
+RETRY_MIN, RETRY_MAX = 5.0, 3600.0
+CHECK_MAX = 12 * 3600.0
+
+
+def challenge_dir(config: Config) -> Path:
+    return config.run_path / "acme-http-01"
+
+
+def preflight(config: Config) -> None:
+    """Settings letsencrypt cannot work without, as one line each (the supervisor calls this)."""
+    from .tls import _is_ip
+
+    hostname = str(config.values["server.hostname"])
+    if not hostname:
+        raise ConfigError("server.hostname (--hostname / -hostname / DERP_DOMAIN): certmode letsencrypt needs "
+                          "the DNS name to get a certificate for")
+    if _is_ip(hostname):
+        raise ConfigError("server.hostname (--hostname): is an IP address; use --certmode manual for a "
+                          "self-signed cert (derper's advice), letsencrypt needs a DNS name")
+    if int(config.values["server.http_port"]) < 0:
+        raise ConfigError("server.http_port (--http-port): certmode letsencrypt answers the CA's HTTP-01 "
+                          "challenge there; set it (derper's default is 80)")
+    try:
+        import acme  # noqa: F401
+        import josepy  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("server.certmode: letsencrypt needs the 'acme' package (pip install acme)") from exc
+    ca_file = config.values["server.acme_ca_file"]
+    if ca_file and not Path(ca_file).is_file():
+        raise ConfigError(f"server.acme_ca_file (--acme-ca-file): {ca_file} does not exist")
+    certdir = Path(config.values["server.certdir"])
+    try:
+        certdir.mkdir(parents=True, exist_ok=True)
+        probe = certdir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"server.certdir (--certdir): certmode letsencrypt caches its certificate there, and "
+                          f"{certdir}: {exc.strerror}; pick a writable directory") from exc
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def _load_leaf(crt: Path) -> x509.Certificate | None:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(crt.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def is_placeholder(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject  # self-signed: ours, never the CA's
+
+
+def ensure_placeholder(config: Config, crt: Path, key: Path) -> None:
+    """Make CERTDIR/NAME.crt/.key exist so workers can serve TLS before the first ACME certificate."""
+    from .tls import _locked_generate
+
+    hostname = str(config.values["server.hostname"])
+
+    def missing() -> bool:
+        return not (crt.exists() and key.exists())
+
+    if missing():
+        _import_autocert_cache(Path(config.values["server.certdir"]) / hostname, crt, key)
+    _locked_generate(crt, key, hostname, missing)
+
+
+def _import_autocert_cache(cached: Path, crt: Path, key: Path) -> None:
+    """derper's autocert DirCache keeps HOSTNAME: the private key PEM, then the chain."""
+    from .tls import _write_atomic
+
+    try:
+        text = cached.read_bytes()
+    except OSError:
+        return
+    marker = b"-----BEGIN CERTIFICATE-----"
+    if b"PRIVATE KEY-----" not in text or marker not in text:
+        return
+    at = text.index(marker)
+    key_pem, chain_pem = text[:at], text[at:]
+    if b"PRIVATE KEY-----" not in key_pem:
+        return
+    _write_atomic(key, key_pem.strip() + b"\n", 0o600)
+    _write_atomic(crt, chain_pem.strip() + b"\n", 0o644)
+    log.info("imported derper's cached certificate %s", cached)
+
+
+def renew_at(cert: x509.Certificate) -> datetime.datetime:
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - min(RENEW_BEFORE, lifetime / 3)
+
+
+# -- the manager -----------------------------------------------------------------------------------
+
+
+class AcmeManager:
+    def __init__(self, config: Config) -> None:
+        from .tls import manual_cert_paths
+
+        self.config = config
+        self.hostname = str(config.values["server.hostname"])
+        self.certdir = Path(config.values["server.certdir"])
+        self.crt, self.key = manual_cert_paths(config)
+        self.challenges = challenge_dir(config)
+        self.directory_url = str(config.values["server.acme_directory"])
+        self.email = str(config.values["server.acme_email"])
+        self.ca_file = str(config.values["server.acme_ca_file"])
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.issued = 0
+        self.failures = 0
+        self.last_error = ""
+
+    def start(self) -> None:
+        self.challenges.mkdir(parents=True, exist_ok=True)
+        self.thread = threading.Thread(target=self._run, name="acme", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def due(self) -> float:
+        """Seconds until the certificate on disk should be replaced (0 = now)."""
+        cert = _load_leaf(self.crt)
+        if cert is None or is_placeholder(cert):
+            return 0.0
+        left = (renew_at(cert) - datetime.datetime.now(datetime.UTC)).total_seconds()
+        return max(0.0, left)
+
+    def _run(self) -> None:
+        backoff = RETRY_MIN
+        while not self.stop.is_set():
+            wait = self.due()
+            if wait > 0:
+                self.stop.wait(min(wait, CHECK_MAX))
+                continue
+            try:
+                self._wait_http_port()
+                self.obtain()
+                backoff = RETRY_MIN
+            except Exception as exc:  # keep serving the old cert; try again later
+                self.failures += 1
+                self.last_error = str(exc)
+                log.warning("ACME certificate for %s failed (%s); retrying in %.0fs", self.hostname, exc, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)
+
+    def _wait_http_port(self, timeout: float = 60.0) -> None:
+        host = self.config.listen_addr[0]
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+        port = int(self.config.values["server.http_port"])
+        deadline = time.monotonic() + timeout
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection((host, port), timeout=1.0) as sock:
+                    sock.sendall(b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n")
+                    if sock.recv(12).startswith(b"HTTP/1.1 204"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP port {host}:{port} does not answer, so HTTP-01 cannot work")
+            self.stop.wait(0.2)
+
+    # -- one order ----------------------------------------------------------------------------------
+
+    def _account_key(self):  # type: ignore[no-untyped-def]
+        import josepy as jose
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .tls import _write_atomic
+
+        path = self.certdir / ACCOUNT_KEY_FILE
+        try:
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError):
+            private = ec.generate_private_key(ec.SECP256R1())
+            _write_atomic(path, private.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.TraditionalOpenSSL,
+                                                      serialization.NoEncryption()), 0o600)
+        if isinstance(private, ec.EllipticCurvePrivateKey):
+            return jose.JWKEC(key=private), "ES256"
+        return jose.JWKRSA(key=private), "RS256"
+
+    def obtain(self) -> None:
+        from acme import challenges, client, crypto_util, errors, messages
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from josepy import jwa
+
+        from .tls import _write_atomic
+
+        jwk, alg = self._account_key()
+        net = client.ClientNetwork(jwk, alg=getattr(jwa, alg), user_agent="derp-cluster",
+                                   verify_ssl=self.ca_file or True)
+        directory = client.ClientV2.get_directory(self.directory_url, net)
+        acme_client = client.ClientV2(directory, net=net)
+        registration = messages.NewRegistration.from_data(email=self.email or None, terms_of_service_agreed=True)
+        try:
+            net.account = acme_client.new_account(registration)
+        except errors.ConflictError as exc:  # the account exists: use it
+            net.account = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
+        private = ec.generate_private_key(ec.SECP256R1())
+        key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption())
+        order = acme_client.new_order(crypto_util.make_csr(key_pem, [self.hostname]))
+        written: list[Path] = []
+        try:
+            for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:
+                    continue
+                chall = next((c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
+                if chall is None:
+                    raise RuntimeError(f"the CA offers no http-01 challenge for {authz.body.identifier.value}")
+                response, validation = chall.response_and_validation(net.key)
+                path = self.challenges / chall.chall.encode("token")
+                path.write_text(validation)
+                written.append(path)
+                acme_client.answer_challenge(chall, response)
+            deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
+            order = acme_client.poll_and_finalize(order, deadline=deadline)
+        finally:
+            for path in written:
+                path.unlink(missing_ok=True)
+        # key first, then the chain: a reader never sees a chain without its key next to it
+        _write_atomic(self.key, key_pem, 0o600)
+        _write_atomic(self.crt, order.fullchain_pem.encode(), 0o644)
+        self.issued += 1
+        cert = _load_leaf(self.crt)
+        log.info("ACME certificate for %s installed (valid until %s); workers pick it up within seconds",
+                 self.hostname, cert.not_valid_after_utc if cert is not None else "?")

@@ -1,0 +1,168 @@
+"""certmode letsencrypt against a real ACME server: Let's Encrypt's pebble on loopback.
+
+pebble validates HTTP-01 by fetching http://localhost:<our http port>/.well-known/acme-challenge/…
+from the cluster's workers, issues from its own (per-run) root, and is set to a short certificate
+lifetime so the renewal and the hot swap happen within the test.
+
+pebble is a Go program: the test uses `pebble` from PATH or ~/go/bin, or builds it with
+`GOFLAGS=-mod=mod go install github.com/letsencrypt/pebble/v2/cmd/pebble@v2.10.3`. Without Go the
+test is skipped with one line, except under CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from relay_worker.client import DerpClient
+from tests.support import ClusterProcess, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+PEBBLE_VERSION = "v2.10.3"
+PEBBLE_MODULE = "github.com/letsencrypt/pebble/v2"
+CERT_LIFETIME = 30  # seconds: renewal (at a third left) comes after ~20 s
+
+
+def _gopath() -> Path:
+    try:
+        out = subprocess.run(["go", "env", "GOPATH"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return Path(out or Path.home() / "go")
+
+
+def pebble_binary() -> Path:
+    found = shutil.which("pebble")
+    if found:
+        return Path(found)
+    have_go = shutil.which("go") is not None
+    binary = _gopath() / "bin" / "pebble"
+    if binary.exists():
+        return binary
+    if not have_go:
+        if os.environ.get("CI") == "true":
+            pytest.fail("pebble is needed for the ACME test and Go is not installed to build it")
+        pytest.skip("ACME test needs pebble (no Go toolchain to build it)")
+    build = subprocess.run(["go", "install", f"{PEBBLE_MODULE}/cmd/pebble@{PEBBLE_VERSION}"],
+                           capture_output=True, text=True, timeout=900, env={**os.environ, "GOFLAGS": "-mod=mod"})
+    assert build.returncode == 0, f"building pebble failed:\n{build.stderr[-2000:]}"
+    assert binary.exists()
+    return binary
+
+
+def pebble_test_certs() -> Path:
+    return _gopath() / "pkg" / "mod" / f"{PEBBLE_MODULE.replace('/v2', '')}/v2@{PEBBLE_VERSION}" / "test" / "certs"
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
+    binary = pebble_binary()
+    certs = pebble_test_certs()
+    assert (certs / "pebble.minica.pem").exists(), f"pebble's test certs not found under {certs}"
+    acme_port, mgmt_port, http_port, tls_port = free_port(), free_port(), free_port(), free_port()
+    config = {"pebble": {
+        "listenAddress": f"127.0.0.1:{acme_port}", "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+        "certificate": str(certs / "localhost" / "cert.pem"), "privateKey": str(certs / "localhost" / "key.pem"),
+        "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "", "externalAccountBindingRequired": False,
+        "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
+        "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME}},
+    }}
+    config_file = tmp_path / "pebble.json"
+    config_file.write_text(json.dumps(config))
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
+    log = open(tmp_path / "pebble.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(binary), "-config", str(config_file)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    ca = ssl.create_default_context(cafile=str(certs / "pebble.minica.pem"))
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"https://localhost:{acme_port}/dir", context=ca, timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return proc.poll() is not None
+
+    try:
+        wait_until(up, timeout=30, what="pebble to answer")
+        assert proc.poll() is None, (tmp_path / "pebble.log").read_text()
+        yield {"directory": f"https://localhost:{acme_port}/dir", "ca_file": str(certs / "pebble.minica.pem"),
+               "http_port": http_port, "mgmt": f"https://localhost:{mgmt_port}", "ca": ca,
+               "log": tmp_path / "pebble.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, object]) -> None:
+    certdir = Path(tempfile.mkdtemp(prefix="acme-certs-"))
+    node = ClusterProcess("--certmode", "letsencrypt", "--hostname", "localhost", "--certdir", str(certdir),
+                          "--http-port", str(pebble["http_port"]), "--acme-directory", str(pebble["directory"]),
+                          "--acme-ca-file", str(pebble["ca_file"]), "--acme-email", "ops@example.com", workers=2)
+    try:
+        with node:
+            pids = node.worker_pids()
+
+            def issued() -> x509.Certificate | None:
+                leaf = served_chain_leaf(node.port, "localhost")
+                return leaf if leaf.issuer != leaf.subject else None  # the placeholder is self-signed
+
+            first = wait_until(issued, timeout=90, what="the ACME certificate to be served")
+            # it chains to pebble's root of this run, for the name we asked for
+            with urllib.request.urlopen(f"{pebble['mgmt']}/roots/0", context=pebble["ca"], timeout=5) as answer:
+                root = answer.read().decode()
+            trust = ssl.create_default_context(cadata=root)
+            # pebble's chain: leaf, intermediate; the root is what clients trust
+            with urllib.request.urlopen(f"{pebble['mgmt']}/intermediates/0", context=pebble["ca"], timeout=5) as ans:
+                assert ans.status == 200
+
+            async def derp_over_tls() -> None:
+                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
+                                                  server_hostname="localhost")
+                await client.close()
+
+            asyncio.run(derp_over_tls())
+            sans = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+            # cached in the cert dir under derper's file names
+            assert (certdir / "localhost.crt").exists() and (certdir / "localhost.key").stat().st_mode & 0o077 == 0
+            assert (certdir / "acme_account+key").exists()
+
+            # renewal before expiry, served by the same worker processes (hot swap, no restart)
+            renewed = wait_until(lambda: (leaf := served_chain_leaf(node.port, "localhost")).serial_number
+                                 != first.serial_number and leaf, timeout=90, what="the renewed certificate")
+            assert renewed.issuer != renewed.subject
+            assert renewed.not_valid_after_utc > first.not_valid_after_utc
+            assert node.worker_pids() == pids
+
+            # derper's autocert host policy: another SNI gets no certificate
+            with pytest.raises(ssl.SSLError):
+                served_chain_leaf(node.port, "other.example")
+    finally:
+        shutil.rmtree(certdir, ignore_errors=True)
