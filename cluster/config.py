@@ -39,6 +39,13 @@ def parse_hostport(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, in
     return host, port
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """A DERP or STUN listen address: as parse_hostport, but `:PORT` is every address of both
+    families (`::` with IPV6_V6ONLY off), as Go's net.Listen(":443") is (derper-parity D7)."""
+    host, port = parse_hostport(text)
+    return ("::" if text.strip().startswith(":") else host), port
+
+
 def _bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -87,6 +94,14 @@ def _str(text: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("want a string")
     return text
+
+
+def _home(text: Any) -> str:
+    """derper's -home: empty, "blank", or an http(s) URL."""
+    value = _str(text)
+    if value in ("", "blank") or value.startswith(("http://", "https://")):
+        return value
+    raise ValueError(f"{value!r} is not empty, \"blank\" or an http(s):// URL")
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,18 @@ SETTINGS: tuple[Setting, ...] = (
             "DERP_MAX_CLIENTS", "--max-clients"),
     Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
             "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
+    # the HTTP edge (relay_worker/http_protocol.py, http_app.py): derper's -home, -bootstrap-dns-names,
+    # -unpublished-bootstrap-dns-names, and its http.Server ReadTimeout
+    Setting("server.home", _home, "", 'what "/" serves: empty = the default page, "blank", or a URL to redirect to',
+            "DERP_HOME", "--home"),
+    Setting("server.bootstrap_dns_names", _str, "", "comma-separated hostnames to publish at /bootstrap-dns",
+            "DERP_BOOTSTRAP_DNS_NAMES", "--bootstrap-dns-names"),
+    Setting("server.unpublished_bootstrap_dns_names", _str, "",
+            "comma-separated hostnames answered at /bootstrap-dns?q=NAME only", "DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES",
+            "--unpublished-bootstrap-dns-names"),
+    Setting("limits.http_read_timeout", _float, 30.0,
+            "seconds for an HTTP request (head to response) and for keep-alive idle", "DERP_HTTP_READ_TIMEOUT",
+            "--http-read-timeout"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",
@@ -211,13 +238,13 @@ class Config:
 
     @property
     def listen_addr(self) -> tuple[str, int]:
-        return parse_hostport(self.values["server.listen"])
+        return parse_listen(self.values["server.listen"])
 
     @property
     def stun_addr(self) -> tuple[str, int] | None:
         if not self.values["stun.enabled"]:
             return None
-        host, port = parse_hostport(self.values["stun.listen"])
+        host, port = parse_listen(self.values["stun.listen"])
         return host, self.values["stun.port"] or port
 
     @property

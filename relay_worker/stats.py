@@ -42,6 +42,7 @@ class WorkerStats:
     unknown_frames: int = 0
     restarting_frames: int = 0
     accept_rate_limited: int = 0
+    websocket_accepts: int = 0  # derper: derp_websocket_accepts
     drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
 
     def drop(self, reason: str, n: int = 1) -> None:
