@@ -22,6 +22,7 @@ What a client can make this protocol hold is bounded (docs/SECURITY.md, "HTTP ed
 from __future__ import annotations
 
 import contextlib
+import ssl
 from typing import Any
 
 import httptools
@@ -90,6 +91,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
     relay: Relay
     accept_gate: Any = None  # optional callable(peer) -> bool, the per-worker accept-rate limit
     read_timeout: float = READ_TIMEOUT
+    tls_context: Any = None  # ssl.SSLContext: this protocol does the TLS handshake itself (D14)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,17 +109,39 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self._held_pos = 0
         self._tail = b""  # the last bytes fed, to find a head end split across reads
         self._discarding = False  # refused: what the client still sends is dropped until we close
+        self._gate_passed = False
+        self._tls_task: Any = None
 
     # -- deadlines ----------------------------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        gate = self.accept_gate
-        if gate is not None and not gate(transport.get_extra_info("peername")):
-            self.relay.stats.accept_rate_limited += 1
-            transport.close()  # a FIN, as derper's rateLimitedListener closes (D14)
-            return
+        if not self._gate_passed:
+            self._gate_passed = True
+            gate = self.accept_gate
+            if gate is not None and not gate(transport.get_extra_info("peername")):
+                # before TLS, with a FIN, as derper's rateLimitedListener.Accept closes (D14)
+                self.relay.stats.accept_rate_limited += 1
+                transport.close()
+                return
+            if self.tls_context is not None:
+                # TLS is ours (not uvicorn's) so that the gate above runs before the handshake;
+                # derper's ReadTimeout bounds the handshake too
+                self._tls_task = self.loop.create_task(self._start_tls(transport))
+                return
         super().connection_made(transport)
         self._arm(self.read_timeout)
+
+    async def _start_tls(self, raw: Any) -> None:
+        try:
+            tls = await self.loop.start_tls(raw, self, self.tls_context, server_side=True,
+                                            ssl_handshake_timeout=self.read_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.logger.debug("TLS handshake from %s failed: %s", raw.get_extra_info("peername"), exc)
+            raw.abort()
+            return
+        if tls is None or tls.is_closing():
+            return
+        self.connection_made(tls)
 
     def _arm(self, seconds: float) -> None:
         if self._deadline is not None:
@@ -151,6 +175,8 @@ class DerpHttpProtocol(HttpToolsProtocol):
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # refused by the gate, or lost during our TLS handshake: uvicorn never saw it
         self._disarm()
         self._held = b""
         super().connection_lost(exc)
@@ -344,7 +370,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             conn.data_received(early)
 
 
-def protocol_class_for(relay: Relay, accept_gate: Any = None, *,
-                       read_timeout: float = READ_TIMEOUT) -> type[DerpHttpProtocol]:
+def protocol_class_for(relay: Relay, accept_gate: Any = None, *, read_timeout: float = READ_TIMEOUT,
+                       tls_context: Any = None) -> type[DerpHttpProtocol]:
     return type("BoundDerpHttpProtocol", (DerpHttpProtocol,), {
-        "relay": relay, "accept_gate": accept_gate, "read_timeout": read_timeout})
+        "relay": relay, "accept_gate": accept_gate, "read_timeout": read_timeout, "tls_context": tls_context})

@@ -132,7 +132,8 @@ def uvicorn_config(app: Any, relay: Relay, *, log_level: str = "info", ssl_conte
                    read_timeout: float = READ_TIMEOUT) -> uvicorn.Config:
     config = uvicorn.Config(
         app,
-        http=protocol_class_for(relay, accept_gate, read_timeout=read_timeout),
+        # TLS is done by the protocol, after the accept gate (D14), not by uvicorn's server
+        http=protocol_class_for(relay, accept_gate, read_timeout=read_timeout, tls_context=ssl_context),
         # WebSocket DERP is hijacked by the HTTP protocol (websocket_transport.py); any other
         # WebSocket upgrade is an ordinary request, as in derper's mux
         ws="none",
@@ -147,8 +148,6 @@ def uvicorn_config(app: Any, relay: Relay, *, log_level: str = "info", ssl_conte
         timeout_graceful_shutdown=5,
     )
     config.load()
-    if ssl_context is not None:
-        config.ssl = ssl_context
     return config
 
 
