@@ -370,3 +370,103 @@ async def test_websocket_silent_after_upgrade_hits_the_derp_handshake_deadline()
         writer.close()
         report("websocket silent handshake", closed_after_s=round(took, 2))
         assert took >= HANDSHAKE_TIMEOUT * 0.5
+
+
+# -- further attacks found by attacking the edge ------------------------------------------------------
+
+
+async def test_silent_tls_client_is_closed_by_the_read_deadline() -> None:
+    """TCP connect to the TLS port, then no ClientHello (or half of one). Before: uvicorn's TLS
+    handshake timeout of 60 s. Bound: --http-read-timeout (derper's ReadTimeout covers TLS setup)."""
+    with ClusterProcess("--certmode", "selfsigned", "--hostname", "127.0.0.1",
+                        "--http-read-timeout", str(READ_TIMEOUT), workers=1) as cluster:
+        silent_r, silent_w = await connect(cluster.port)
+        half_r, half_w = await connect(cluster.port)
+        half_w.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+        results = await asyncio.gather(read_until_closed(silent_r, READ_TIMEOUT + SLACK),
+                                       read_until_closed(half_r, READ_TIMEOUT + SLACK))
+        for w in (silent_w, half_w):
+            w.close()
+        report("silent TLS", closed_after_s=[round(t, 2) for _, t in results])
+        assert not log_tracebacks(cluster)
+
+
+async def test_endless_request_body_is_cut_by_the_read_deadline() -> None:
+    """POST / with a 1 GB Content-Length, streamed: the home page answers at once, the body keeps
+    coming. Bound: the request's read deadline closes the socket; memory stays flat."""
+    with ClusterProcess("--http-read-timeout", str(READ_TIMEOUT), workers=1) as cluster:
+        before = worker_rss_kib(cluster)
+        reader, writer = await connect(cluster.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        started = time.monotonic()
+        sent = 0
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while time.monotonic() - started < READ_TIMEOUT + SLACK and not reader.at_eof():
+                writer.write(b"z" * 65536)
+                await writer.drain()
+                sent += 65536
+        closed_after = time.monotonic() - started
+        growth = mib_growth(cluster, before)
+        writer.close()
+        report("endless body", sent_mib=round(sent / 2**20, 1), closed_after_s=round(closed_after, 2),
+               rss_growth_mib=round(growth, 1))
+        assert closed_after < READ_TIMEOUT + SLACK
+        assert growth < RSS_BOUND_MIB
+
+
+MALFORMED = [
+    b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /derp%zz?%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /bootstrap-dns?q=%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: \x00\x01\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64,
+    b"CONNECT derp.example:443 HTTP/1.1\r\nHost: derp.example\r\n\r\n",
+    b"GET http://evil.example/derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n\xff" * 1,
+    b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nContent-Length: 4\r\n\r\nabcd",
+    b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Protocol: derp\r\n\r\n",  # no Sec-WebSocket-Key
+    b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
+    b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n\x00\x00\x00",
+    b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+    b"GET /debug/nope?debugkey=%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("attack", ["ws-frames", "raw"])
+async def test_malformed_input_closes_only_that_connection_and_never_logs_a_traceback(attack: str) -> None:
+    # DERP upgrades with garbage after them wait for the DERP handshake deadline: 3 s here too
+    with ClusterProcess("--http-read-timeout", "3", "--handshake-timeout", "3", workers=1) as cluster:
+        bystander = await DerpClient.connect(cluster.url, timeout=10)
+        try:
+            payloads = list(MALFORMED)
+            if attack == "ws-frames":
+                payloads = [ws_handshake() + frame for frame in (
+                    ws_frame(0x2, b"\x02\x00\x00\x00\x05hello"),  # a frame that is not ClientInfo
+                    ws_frame(0x9, b"p" * 126),  # control frame too long: 1002
+                    ws_frame(0x3, b"x"),  # reserved opcode
+                    ws_frame(0x2, b"a", fin=False) + ws_frame(0x1, b"b"),  # text inside a binary message
+                    bytes((0x82, 0x7f)) + b"\xff" * 8,  # unmasked, 2**64-1 bytes
+                    ws_frame(0x8, b"\x03"),  # close with a 1-byte payload
+                    ws_frame(0x2, b"x" * ((1 << 20) + 1)),  # over MAX_MESSAGE
+                )]
+            for payload in payloads:
+                reader, writer = await connect(cluster.port)
+                writer.write(payload)
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+                await read_until_closed(reader, 3 + SLACK)
+                writer.close()
+            # the bystander is still connected and relaying
+            await bystander.send(bystander.public_key, b"still here")
+            got = await bystander.recv_packet(timeout=5)
+            assert got.data == b"still here"
+            assert not log_tracebacks(cluster), "\n".join(cluster.output[-50:])
+            assert not cluster.exited()
+        finally:
+            await bystander.close()
