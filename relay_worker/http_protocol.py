@@ -86,9 +86,10 @@ def classify_upgrade(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class DerpHttpProtocol(HttpToolsProtocol):
-    """Set `relay` on a subclass (see `protocol_class_for`) before handing it to uvicorn."""
+    """Set `relay` on a subclass (see `protocol_class_for`) before handing it to uvicorn. Without a
+    relay (the plain-HTTP port) the protocol keeps its bounds and deadlines but serves no DERP."""
 
-    relay: Relay
+    relay: Relay | None
     accept_gate: Any = None  # optional callable(peer) -> bool, the per-worker accept-rate limit
     read_timeout: float = READ_TIMEOUT
     tls_context: Any = None  # ssl.SSLContext: this protocol does the TLS handshake itself (D14)
@@ -120,7 +121,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             gate = self.accept_gate
             if gate is not None and not gate(transport.get_extra_info("peername")):
                 # before TLS, with a FIN, as derper's rateLimitedListener.Accept closes (D14)
-                self.relay.stats.accept_rate_limited += 1
+                self._count("accept_rate_limited")
                 transport.close()
                 return
             if self.tls_context is not None:
@@ -143,6 +144,11 @@ class DerpHttpProtocol(HttpToolsProtocol):
             return
         self.connection_made(tls)
 
+    def _count(self, field: str) -> None:
+        relay = self.relay
+        if relay is not None:
+            setattr(relay.stats, field, getattr(relay.stats, field) + 1)
+
     def _arm(self, seconds: float) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
@@ -161,7 +167,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         if (self._idle and not self._head_bytes) or self._discarding:
             pass  # keep-alive idle, or the linger after a refusal: not a handshake failure
         else:
-            self.relay.stats.handshake_timeouts += 1
+            self._count("handshake_timeouts")
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -201,7 +207,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self._head_bytes = self._line_bytes = 0
         if self._header_count > MAX_HEADERS:
             return  # answered with 431 once the feed returns
-        if httptools.parse_url(self.url).path == DERP_PATH:
+        if self.relay is not None and httptools.parse_url(self.url).path == DERP_PATH:
             kind = classify_upgrade(self.headers)
             if kind:
                 self._hijack = kind
@@ -325,7 +331,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         """431, then what Go's net/http does after an error response (closeWriteAndWait): send FIN,
         discard what the client still sends for a moment, then close, so that the client reads the
         answer instead of a reset that would discard it."""
-        self.relay.stats.handshake_failures += 1
+        self._count("handshake_failures")
         self.logger.debug("request head too large from %s", self.client)
         transport = self.transport
         transport.write(REQUEST_HEADER_TOO_LARGE)
@@ -370,7 +376,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             conn.data_received(early)
 
 
-def protocol_class_for(relay: Relay, accept_gate: Any = None, *, read_timeout: float = READ_TIMEOUT,
+def protocol_class_for(relay: Relay | None, accept_gate: Any = None, *, read_timeout: float = READ_TIMEOUT,
                        tls_context: Any = None) -> type[DerpHttpProtocol]:
     return type("BoundDerpHttpProtocol", (DerpHttpProtocol,), {
         "relay": relay, "accept_gate": accept_gate, "read_timeout": read_timeout, "tls_context": tls_context})

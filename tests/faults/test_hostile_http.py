@@ -470,3 +470,28 @@ async def test_malformed_input_closes_only_that_connection_and_never_logs_a_trac
             assert not cluster.exited()
         finally:
             await bystander.close()
+
+
+async def test_plain_http_port_has_the_same_bounds() -> None:
+    """--http-port (derper's port 80 beside TLS) is served by the same bounded protocol, without DERP."""
+    from tests.support import free_port
+
+    http_port = free_port()
+    with ClusterProcess("--certmode", "selfsigned", "--hostname", "127.0.0.1", "--http-port", str(http_port),
+                        "--http-read-timeout", str(READ_TIMEOUT), workers=1) as cluster:
+        before = worker_rss_kib(cluster)
+        reader, writer = await connect(http_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 20000)
+        answer, _ = await read_until_closed(reader, SLACK)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+        reader, writer = await connect(http_port)
+        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        answer, _ = await read_until_closed(reader, READ_TIMEOUT + SLACK)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 302 "), answer[:80]  # to HTTPS, never DERP on port 80
+        idle_r, idle_w = await connect(http_port)
+        _, took = await read_until_closed(idle_r, READ_TIMEOUT + SLACK)
+        idle_w.close()
+        assert mib_growth(cluster, before) < RSS_BOUND_MIB
+        report("plain http port", idle_closed_after_s=round(took, 2))
