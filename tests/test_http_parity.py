@@ -351,3 +351,38 @@ async def test_accept_rate_gate_runs_before_tls() -> None:
         started = time.monotonic()
         assert await _refused_with_fin(cluster.port) == b""
         assert time.monotonic() - started < 5
+
+
+# -- C12: the WebSocket peer is the TCP peer, never X-Forwarded-For ----------------------------------
+
+
+async def test_websocket_peer_address_ignores_x_forwarded_for(tmp_path: Any) -> None:
+    """uvicorn's proxy_headers made a loopback X-Forwarded-For the WebSocket peer (PeerPresent and
+    admission Source became the XFF IP with port 0). derper uses the TCP peer."""
+    import ipaddress
+    import secrets
+
+    from relay_worker.frames import PeerPresent
+
+    mesh_key = secrets.token_hex(32)
+    key_file = tmp_path / "mesh.key"
+    key_file.write_text(mesh_key)
+    with ClusterProcess("--mesh-key-file", str(key_file), workers=1) as cluster:
+        watcher = await DerpClient.connect(cluster.url, mesh_key=mesh_key, timeout=10)
+        await watcher.watch_conns()
+        client = await DerpClient.connect(cluster.url, websocket=True, timeout=10,
+                                          extra_headers={"X-Forwarded-For": "203.0.113.7"})
+        try:
+            deadline = time.monotonic() + 10
+            seen = None
+            while seen is None:
+                event = await watcher.recv(timeout=max(0.1, deadline - time.monotonic()))
+                if isinstance(event, PeerPresent) and event.key == client.public_key:
+                    seen = event
+            ip = ipaddress.ip_address(seen.ip) if seen.ip else None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            assert str(ip) == "127.0.0.1" and seen.port != 0, seen
+        finally:
+            await client.close()
+            await watcher.close()

@@ -347,7 +347,8 @@ async def test_websocket_text_frame_closes_with_1003_and_no_traceback() -> None:
     """Go's wsconn closes a text message with 1003 (C12). Old: invalid UTF-8 logged a traceback."""
     with ClusterProcess(workers=1) as cluster:
         reader, writer = await connect(cluster.port)
-        writer.write(ws_handshake())
+        # a browser offers permessage-deflate; derper never accepts it (D10)
+        writer.write(ws_handshake(extra="Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"))
         head = await read_head(reader)
         assert head.startswith(b"HTTP/1.1 101 ") and b"sec-websocket-protocol: derp" in head.lower()
         assert b"permessage-deflate" not in head.lower()  # D10
