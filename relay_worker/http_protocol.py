@@ -77,7 +77,7 @@ def classify_upgrade(headers: list[tuple[bytes, bytes]]) -> str:
     is WebSocket DERP; handler.go: any other `Upgrade: websocket` or `Upgrade: derp` is raw DERP
     (very early clients sent "Upgrade: WebSocket" but spoke DERP framing). Connection is not checked.
     """
-    upgrade = _first(headers, b"upgrade").lower()
+    upgrade = _first(headers, b"upgrade").strip().lower()
     if upgrade == b"websocket" and b"derp" in _first(headers, b"sec-websocket-protocol"):
         return "ws"
     if upgrade in (b"websocket", b"derp"):
@@ -100,7 +100,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self._hijack_headers: list[tuple[bytes, bytes]] = []
         self._pending_switch: bytes | None = None  # early bytes of an upgrade waiting for a response
         self._deadline: Any = None
-        self._idle = True  # between requests (keep-alive idle) rather than inside one
+        self._idle = False  # between requests (keep-alive idle); the first request's clock starts at accept
         self._in_head = True  # the parser is in a request head (or before one)
         self._head_bytes = 0
         self._line_bytes = 0
@@ -365,7 +365,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             ws.handshake(self.scope["method"], self.url, headers, early)
             return
         relay = self.relay
-        fast_start = _first(headers, b"derp-fast-start") == b"1"
+        fast_start = _first(headers, b"derp-fast-start").strip() == b"1"
         preamble = b"" if fast_start else switching_protocols_response(relay.server_public)
         names = {name for name, _ in headers}
         conn = DerpServerConn(relay, self.client, ideal_node=b"ideal-node" not in names, preamble=preamble)
