@@ -126,7 +126,9 @@ class DerpHttpProtocol(HttpToolsProtocol):
                 return
             if self.tls_context is not None:
                 # TLS is ours (not uvicorn's) so that the gate above runs before the handshake;
-                # derper's ReadTimeout bounds the handshake too
+                # derper's ReadTimeout bounds the handshake too. Nothing is read until start_tls has
+                # put the TLS protocol in place (uvloop would hand the ClientHello to us otherwise).
+                transport.pause_reading()
                 self._tls_task = self.loop.create_task(self._start_tls(transport))
                 return
         super().connection_made(transport)
@@ -138,6 +140,10 @@ class DerpHttpProtocol(HttpToolsProtocol):
                                             ssl_handshake_timeout=self.read_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.logger.debug("TLS handshake from %s failed: %s", raw.get_extra_info("peername"), exc)
+            raw.abort()
+            return
+        except Exception as exc:  # never an unretrieved task exception with a traceback per client
+            self.logger.warning("TLS setup for %s failed: %r", raw.get_extra_info("peername"), exc)
             raw.abort()
             return
         if tls is None or tls.is_closing():
@@ -255,6 +261,8 @@ class DerpHttpProtocol(HttpToolsProtocol):
     # -- reading ------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # before our TLS handshake took over the socket: cannot happen with reading paused
         self._unset_keepalive_if_required()
         if self._discarding:
             return

@@ -335,19 +335,12 @@ async def test_accept_rate_gate_closes_with_a_fin() -> None:
 async def test_accept_rate_gate_runs_before_tls() -> None:
     """derper's rateLimitedListener closes the TCP connection before any TLS. Before, the gate ran
     after the handshake: a refused client that sent no ClientHello waited for the handshake timeout."""
-    import ssl
-
     with ClusterProcess("--certmode", "selfsigned", "--hostname", "127.0.0.1",
                         "--accept-connection-limit", "0.001", "--accept-connection-burst", "1",
                         workers=1) as cluster:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port, ssl=ctx)
-        writer.write(req("GET", "/generate_204"))
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 204")
+        # the burst's one connection (if nothing took it yet): accepted, waiting for a ClientHello
+        _, first = await asyncio.open_connection("127.0.0.1", cluster.port)
+        first.close()
         started = time.monotonic()
         assert await _refused_with_fin(cluster.port) == b""
         assert time.monotonic() - started < 5
