@@ -87,7 +87,9 @@ def node_varz_text(docs: list[dict[str, Any]]) -> str:
     """derper's /debug/varz (Prometheus text, derper's names), summed over the node's workers."""
     from relay_worker.metrics import render_derper_varz
 
-    return render_derper_varz([doc["worker"] for doc in docs], _node_stun(docs))
+    total = docs[0].get("directory", {}).get("size") if docs else None
+    return render_derper_varz([doc["worker"] for doc in docs], _node_stun(docs),
+                              clients_total=int(total) if total is not None else None)
 
 
 def node_expvar(docs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from relay_worker.admission import install as install_admission
 from relay_worker.bootstrap_dns import BootstrapDNS
 from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
+from relay_worker.metrics import derper_gauges
 from relay_worker.ratelimit import AcceptLimiter, read_limit_stats
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
@@ -105,7 +106,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
 
     async def node_docs() -> list[dict[str, Any]]:
         snapshot = relay.stats.snapshot()
-        snapshot["watchers"] = len(relay.watchers)
+        snapshot.update(derper_gauges(relay))
         own = {"worker": snapshot, **await node_stats()}
         return await gather_worker_docs(run_dir, config.worker_count, index, own)
 

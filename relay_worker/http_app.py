@@ -202,8 +202,10 @@ def build_app(
         return guarded
 
     async def worker_json() -> dict[str, Any]:
+        from .metrics import derper_gauges
+
         snapshot = relay.stats.snapshot()
-        snapshot["watchers"] = len(relay.watchers)
+        snapshot.update(derper_gauges(relay))
         doc: dict[str, Any] = {"worker": snapshot, "clients": len(relay.clients)}
         if node_stats is not None:
             doc.update(await node_stats())

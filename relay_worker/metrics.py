@@ -84,6 +84,8 @@ DERPER_KEYS = (
     ("current_connections", "gauge_current_connections"),
     ("current_home_connections", "gauge_current_home_connections"),
     ("watchers", "gauge_watchers"),
+    ("clients_local", "gauge_clients_local"),
+    ("current_file_descriptors", "gauge_current_file_descriptors"),
     ("accepts", "accepts"),
     ("bytes_received", "bytes_received"),
     ("bytes_sent", "bytes_sent"),
@@ -102,6 +104,17 @@ DERPER_KEYS = (
 DERPER_DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
                        "write_error", "dup_client")
 DROP_KINDS = ("disco", "other")
+
+
+def derper_gauges(relay: Any) -> dict[str, int]:
+    """derper gauges this worker can state that WorkerStats does not hold (added to its snapshot)."""
+    import os
+
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = 0
+    return {"watchers": len(relay.watchers), "clients_local": len(relay.active), "current_file_descriptors": fds}
 
 
 def _summed(snapshots: list[dict[str, Any]], field: str) -> int:
@@ -125,7 +138,8 @@ def _stun_dispositions(stun: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[str, int] | None = None) -> str:
+def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[str, int] | None = None,
+                       clients_total: int | None = None) -> str:
     """Prometheus text as derper's /debug/varz writes it (tsweb/varz), summed over `snapshots`.
 
     The drop counters carry derper's {reason, kind} labels, pre-created for the 7 derper reasons
@@ -137,6 +151,11 @@ def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[
         typ = "gauge" if key.startswith("gauge_") else "counter"
         name = "derp_" + key.removeprefix("gauge_").removeprefix("counter_")
         lines.append(f"# TYPE {name} {typ}\n{name} {_summed(snapshots, field)}")
+    if clients_total is not None:
+        # derper: every key it can route to (its own and its mesh peers'); here the cluster directory
+        local = _summed(snapshots, "clients_local")
+        lines.append(f"# TYPE derp_clients_total gauge\nderp_clients_total {max(clients_total, local)}")
+        lines.append(f"# TYPE derp_clients_remote gauge\nderp_clients_remote {max(clients_total - local, 0)}")
     lines.append("# TYPE derp_websocket_accepts counter\n"
                  f"derp_websocket_accepts {_summed(snapshots, 'websocket_accepts')}")
     drops = _drops(snapshots)
