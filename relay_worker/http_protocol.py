@@ -22,7 +22,6 @@ What a client can make this protocol hold is bounded (docs/SECURITY.md, "HTTP ed
 from __future__ import annotations
 
 import contextlib
-import ssl
 from typing import Any
 
 import httptools
@@ -70,6 +69,22 @@ def _first(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
+def _tls_protocol_class(loop: Any) -> Any:
+    """uvloop's TLS protocol on a uvloop loop (what its create_server(ssl=) uses: C, not Python),
+    else asyncio's."""
+    try:
+        import uvloop
+        import uvloop.loop
+
+        if isinstance(loop, uvloop.Loop):
+            return uvloop.loop.SSLProtocol
+    except ImportError:
+        pass
+    from asyncio import sslproto
+
+    return sslproto.SSLProtocol
+
+
 def classify_upgrade(headers: list[tuple[bytes, bytes]]) -> str:
     """What derper's /derp handler does with these headers: "ws", "derp", or "" (a 426).
 
@@ -111,7 +126,6 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self._tail = b""  # the last bytes fed, to find a head end split across reads
         self._discarding = False  # refused: what the client still sends is dropped until we close
         self._gate_passed = False
-        self._tls_task: Any = None
 
     # -- deadlines ----------------------------------------------------------------------------------
 
@@ -125,30 +139,17 @@ class DerpHttpProtocol(HttpToolsProtocol):
                 transport.close()
                 return
             if self.tls_context is not None:
-                # TLS is ours (not uvicorn's) so that the gate above runs before the handshake;
-                # derper's ReadTimeout bounds the handshake too. Nothing is read until start_tls has
-                # put the TLS protocol in place (uvloop would hand the ClientHello to us otherwise).
-                transport.pause_reading()
-                self._tls_task = self.loop.create_task(self._start_tls(transport))
+                # TLS is ours (not uvicorn's) so that the gate above runs before the handshake:
+                # the loop's own TLS protocol goes between the socket and this one, as
+                # create_server(ssl=) would have put it, and calls connection_made again with the
+                # TLS transport once the handshake is done. derper's ReadTimeout bounds the handshake.
+                tls = _tls_protocol_class(self.loop)(self.loop, self, self.tls_context, None, server_side=True,
+                                                     ssl_handshake_timeout=self.read_timeout)
+                transport.set_protocol(tls)
+                tls.connection_made(transport)
                 return
         super().connection_made(transport)
         self._arm(self.read_timeout)
-
-    async def _start_tls(self, raw: Any) -> None:
-        try:
-            tls = await self.loop.start_tls(raw, self, self.tls_context, server_side=True,
-                                            ssl_handshake_timeout=self.read_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self.logger.debug("TLS handshake from %s failed: %s", raw.get_extra_info("peername"), exc)
-            raw.abort()
-            return
-        except Exception as exc:  # never an unretrieved task exception with a traceback per client
-            self.logger.warning("TLS setup for %s failed: %r", raw.get_extra_info("peername"), exc)
-            raw.abort()
-            return
-        if tls is None or tls.is_closing():
-            return
-        self.connection_made(tls)
 
     def _count(self, field: str) -> None:
         relay = self.relay
@@ -262,7 +263,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
-            return  # before our TLS handshake took over the socket: cannot happen with reading paused
+            return  # not connected to us yet (cannot happen: the TLS protocol holds the socket until then)
         self._unset_keepalive_if_required()
         if self._discarding:
             return
