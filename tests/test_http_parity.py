@@ -381,3 +381,25 @@ async def test_websocket_peer_address_ignores_x_forwarded_for(tmp_path: Any) -> 
         finally:
             await client.close()
             await watcher.close()
+
+
+async def test_websocket_and_raw_derp_over_tls_behind_the_gate() -> None:
+    """Both DERP transports through the protocol's own TLS (the gate runs before it, D14)."""
+    import ssl
+
+    with ClusterProcess("--certmode", "selfsigned", "--hostname", "127.0.0.1",
+                        "--accept-connection-limit", "1000", workers=1) as cluster:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        url = f"https://127.0.0.1:{cluster.port}/derp"
+        raw_client = await DerpClient.connect(url, ssl_context=ctx, timeout=10)
+        ws_client = await DerpClient.connect(url, ssl_context=ctx, websocket=True, timeout=10)
+        try:
+            await raw_client.send(ws_client.public_key, b"over wss")
+            assert (await ws_client.recv_packet(timeout=5)).data == b"over wss"
+            await ws_client.send(raw_client.public_key, b"over tls")
+            assert (await raw_client.recv_packet(timeout=5)).data == b"over tls"
+        finally:
+            await raw_client.close()
+            await ws_client.close()
