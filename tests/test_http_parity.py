@@ -403,3 +403,17 @@ async def test_websocket_and_raw_derp_over_tls_behind_the_gate() -> None:
         finally:
             await raw_client.close()
             await ws_client.close()
+
+
+def test_pipelined_requests_are_answered_in_order(node: ClusterProcess) -> None:
+    """Go's net/http serves a connection's requests one after another; so do we (the rest of a
+    read waits for each response)."""
+    pipeline = (b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = raw(node.port, pipeline)
+    import re
+
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 204, 405, 426], answer
