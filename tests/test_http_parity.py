@@ -327,6 +327,8 @@ async def _refused_with_fin(port: int) -> bytes:
 
 
 async def test_accept_rate_gate_closes_with_a_fin() -> None:
+    """A guard, not a regression test: the old abort() was a FIN too when the client had sent
+    nothing. What changed for D14 is where the gate runs with TLS (next test)."""
     with ClusterProcess("--accept-connection-limit", "0.001", "--accept-connection-burst", "1",
                         workers=1) as cluster:
         status, _, _ = parse(raw(cluster.port, req("GET", "/generate_204")))
