@@ -131,6 +131,28 @@ async def generate_204(request: Request) -> Response:
     return Response(status_code=204, headers=headers)
 
 
+def clean_path(path: str) -> str:
+    """Go's net/http cleanPath: path.Clean (no "." or ".." segments, no repeated slashes), rooted,
+    keeping a trailing slash."""
+    if not path:
+        return "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    parts: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(segment)
+    cleaned = "/" + "/".join(parts)
+    if path.endswith("/") and cleaned != "/":
+        cleaned += "/"
+    return cleaned
+
+
 class App:
     """An ASGI app with derper's routes (see the module docstring)."""
 
@@ -144,6 +166,16 @@ class App:
         if scope["type"] != "http":
             return  # no lifespan (lifespan="off"), and WebSockets never reach the app
         path = scope["path"]
+        cleaned = clean_path(path)
+        if cleaned != path and scope["method"] != "CONNECT":
+            # ServeMux: 301 to the cleaned path, query kept (http.Redirect's body for GET/HEAD)
+            query = scope.get("query_string", b"").decode("latin-1")
+            target = cleaned + ("?" + query if query else "")
+            body = f'<a href="{escape(target, quote=True)}">Moved Permanently</a>.\n\n'
+            response = Response(body if scope["method"] in ("GET", "HEAD") else "", status_code=301,
+                                media_type=HTML, headers={"Location": target})
+            await response(scope, receive, send)
+            return
         handler = self.routes.get(path)
         if handler is None:
             handler = next((h for prefix, h in self.prefixes.items() if path.startswith(prefix)), self.fallback)

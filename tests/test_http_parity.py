@@ -419,3 +419,10 @@ def test_pipelined_requests_are_answered_in_order(node: ClusterProcess) -> None:
 
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
     assert statuses == [200, 204, 405, 426], answer
+
+
+@pytest.mark.parametrize(("path", "location"), [("//derp", "/derp"), ("/a/../derp/probe?x=1", "/derp/probe?x=1"),
+                                                ("/./robots.txt", "/robots.txt"), ("/debug//", "/debug/")])
+def test_unclean_paths_redirect_as_servemux(node: ClusterProcess, path: str, location: str) -> None:
+    status, headers, _ = parse(raw(node.port, req("GET", path)))
+    assert status == 301 and headers["location"] == location
