@@ -80,7 +80,12 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
                                               config.limits_accept_connection_limit_per_ip)
     host, port = config.listen_addr
     ssl_context = build_ssl_context(config)
-    tcp = make_listen_socket(host, port)
+    # derper's -tcp-user-timeout / -tcp-keepalive-time when the config has them (branch ops), else
+    # their defaults (make_listen_socket's)
+    tcp_options = {name: float(config.values[key]) for name, key in (
+        ("user_timeout", "limits.tcp_user_timeout"), ("keepalive_idle", "limits.tcp_keepalive_time"))
+        if key in config.values}
+    tcp = make_listen_socket(host, port, **tcp_options)
     admin_sock = make_unix_socket(str(run_dir / f"worker-{index}.sock"))
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()

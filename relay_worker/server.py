@@ -33,9 +33,10 @@ def set_tcp_timeouts(sock: socket.socket, user_timeout: float = TCP_USER_TIMEOUT
                      keepalive_idle: int = TCP_KEEPALIVE_IDLE) -> None:
     """TCP_USER_TIMEOUT and keep-alive, as derper's listener sets them (D2). Set on the listening
     socket, Linux copies them to every accepted one: a peer that vanished is cut off 15 s after
-    unacknowledged data (our 60 s DERP keepalive is such data) instead of after ~15 minutes."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):
+    unacknowledged data (our 60 s DERP keepalive is such data) instead of after ~15 minutes.
+    A value <= 0 leaves that option at the kernel default."""
+    if keepalive_idle > 0 and hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_KEEPALIVE_COUNT)
@@ -43,7 +44,9 @@ def set_tcp_timeouts(sock: socket.socket, user_timeout: float = TCP_USER_TIMEOUT
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
 
 
-def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog: int = 4096) -> socket.socket:
+def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog: int = 4096,
+                       user_timeout: float = TCP_USER_TIMEOUT, keepalive_idle: float = TCP_KEEPALIVE_IDLE,
+                       ) -> socket.socket:
     """A listening TCP socket; SO_REUSEPORT lets every worker bind the DERP port itself. `::` is
     dual stack (IPV6_V6ONLY off), as Go's `:443`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -52,7 +55,7 @@ def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        set_tcp_timeouts(sock)
+        set_tcp_timeouts(sock, user_timeout, int(keepalive_idle))
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))

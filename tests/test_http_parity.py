@@ -426,3 +426,12 @@ def test_pipelined_requests_are_answered_in_order(node: ClusterProcess) -> None:
 def test_unclean_paths_redirect_as_servemux(node: ClusterProcess, path: str, location: str) -> None:
     status, headers, _ = parse(raw(node.port, req("GET", path)))
     assert status == 301 and headers["location"] == location
+
+
+def test_tcp_timeouts_can_be_set_and_turned_off() -> None:
+    listener = make_listen_socket("127.0.0.1", 0, reuse_port=False, user_timeout=2.5, keepalive_idle=0)
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    finally:
+        listener.close()
