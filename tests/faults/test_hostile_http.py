@@ -134,8 +134,10 @@ def log_tracebacks(cluster: ClusterProcess) -> list[str]:
 
 
 async def test_endless_header_lines_get_431_and_bounded_memory() -> None:
-    """Tiny header lines, as fast as the socket takes them. Old: ~1.7 GB in 4 s and a core held.
-    Bound: 431 and a hang-up after MAX_HEAD_BYTES (64 KiB); RSS growth under RSS_BOUND_MIB."""
+    """4 MiB of tiny header lines, as fast as the socket takes them. Old: no answer, and the worker
+    grew ~14 MiB per MiB received (57 MiB in 4 s: +812 MiB). Bound: 431 and a hang-up after
+    MAX_HEAD_BYTES (64 KiB); RSS growth under RSS_BOUND_MIB. The 4 MiB cap keeps the client from
+    writing after our close (its reset would discard the 431 before it is read)."""
     with ClusterProcess(workers=1) as cluster:
         before = worker_rss_kib(cluster)
         reader, writer = await connect(cluster.port)
@@ -144,7 +146,7 @@ async def test_endless_header_lines_get_431_and_bounded_memory() -> None:
         started = time.monotonic()
         sent = 0
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            while time.monotonic() - started < 4.0 and not reader.at_eof():
+            while sent < 4 << 20 and time.monotonic() - started < 4.0 and not reader.at_eof():
                 writer.write(lines)
                 await writer.drain()
                 sent += len(lines)
@@ -169,18 +171,15 @@ async def test_long_header_value_in_small_pieces_is_refused_at_the_line_bound() 
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: ")
         sent = 0
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            for _ in range(1024):  # up to 256 KiB
+            for _ in range(64):  # 16 KiB: past the line bound, far below the head bound
                 writer.write(b"a" * 256)
                 await writer.drain()
                 sent += 256
                 await asyncio.sleep(0)  # one write per segment, as a dribbling client sends them
-                if reader._buffer or reader.at_eof():  # type: ignore[attr-defined]
-                    break
         answer, _ = await read_until_closed(reader, SLACK)
         writer.close()
         report("long header value", sent_kib=sent // 1024)
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
-        assert sent <= 64 * 1024  # refused at the line bound, not the head bound
 
 
 async def test_too_many_headers_in_one_write_get_431() -> None:
