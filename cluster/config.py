@@ -39,6 +39,26 @@ def parse_hostport(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, in
     return host, port
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """A DERP or STUN listen address: as parse_hostport, but `:PORT` is every address of both
+    families (`::` with IPV6_V6ONLY off), as Go's net.Listen(":443") is (derper-parity D7)."""
+    host, port = parse_hostport(text)
+    return ("::" if text.strip().startswith(":") and _dual_stack() else host), port
+
+
+def _dual_stack() -> bool:
+    """Whether this host can listen on `::` (Go falls back to IPv4 where it cannot, and so do we)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
 def _bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -339,13 +359,13 @@ class Config:
 
     @property
     def listen_addr(self) -> tuple[str, int]:
-        return parse_hostport(self.values["server.listen"])
+        return parse_listen(self.values["server.listen"])
 
     @property
     def stun_addr(self) -> tuple[str, int] | None:
         if not self.values["stun.enabled"]:
             return None
-        host, port = parse_hostport(self.values["stun.listen"])
+        host, port = parse_listen(self.values["stun.listen"])
         return host, self.values["stun.port"] or port
 
     @property

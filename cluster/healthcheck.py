@@ -34,7 +34,9 @@ RESEND_INTERVAL = 0.1
 def local_url(config: Config) -> str:
     """The DERP URL of this node on loopback: the configured port, on 127.0.0.1 (or ::1)."""
     host, port = config.listen_addr
-    if ":" in host:  # an IPv6 listen address; "::" also accepts v4 unless v6only, but be exact
+    if str(config.values["server.listen"]).strip().startswith(":"):
+        local = "127.0.0.1"  # `:PORT` is both families (derper's `:443`): v4 loopback always exists
+    elif ":" in host:  # an IPv6 listen address; "::" also accepts v4 unless v6only, but be exact
         local = "[::1]" if host in ("::", "::1") else f"[{host}]"
     else:
         local = "127.0.0.1" if host in ("0.0.0.0", "", "127.0.0.1") else host

@@ -26,6 +26,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from relay_worker.http_app import generate_204
+from relay_worker.http_protocol import protocol_class_for
 from relay_worker.server import make_listen_socket
 
 from .config import Config, ConfigError
@@ -141,8 +142,12 @@ class SideServer:
 
 def port80_server(config: Config, sock: socket.socket) -> SideServer:
     app = build_port80_app(config.values["server.hostname"], config.listen_addr[1])
-    uv = uvicorn.Config(app, lifespan="off", loop="none", log_level=config.log_level, access_log=False,
-                        server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=2)
+    # the worker's bounded HTTP protocol (request-head limits, deadlines), without DERP
+    read_timeout = float(config.values["limits.http_read_timeout"])
+    uv = uvicorn.Config(app, http=protocol_class_for(None, read_timeout=read_timeout), ws="none",
+                        lifespan="off", loop="none", log_level=config.log_level, access_log=False,
+                        server_header=False, timeout_keep_alive=int(max(1, read_timeout)),
+                        timeout_graceful_shutdown=2)
     return SideServer(uv, [sock])
 
 

@@ -67,3 +67,33 @@ def node_metrics_text(docs: list[dict[str, Any]], supervisor: dict[str, Any] | N
         for reason, count in stats.get("drops", {}).items():
             stun[reason] = stun.get(reason, 0) + count
     return render_worker_metrics([doc["worker"] for doc in docs], extra, stun_dispositions=stun)
+
+
+def _node_stun(docs: list[dict[str, Any]]) -> dict[str, int] | None:
+    stun: dict[str, int] = {}
+    seen = False
+    for doc in docs:
+        stats = doc.get("stun")
+        if not stats:
+            continue
+        seen = True
+        stun["response"] = stun.get("response", 0) + stats.get("responses", 0)
+        for reason, count in stats.get("drops", {}).items():
+            stun[reason] = stun.get(reason, 0) + count
+    return stun if seen else None
+
+
+def node_varz_text(docs: list[dict[str, Any]]) -> str:
+    """derper's /debug/varz (Prometheus text, derper's names), summed over the node's workers."""
+    from relay_worker.metrics import render_derper_varz
+
+    total = docs[0].get("directory", {}).get("size") if docs else None
+    return render_derper_varz([doc["worker"] for doc in docs], _node_stun(docs),
+                              clients_total=int(total) if total is not None else None)
+
+
+def node_expvar(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """derper's /debug/vars (expvar JSON), summed over the node's workers."""
+    from relay_worker.metrics import derper_expvar
+
+    return derper_expvar([doc["worker"] for doc in docs], _node_stun(docs))

@@ -26,8 +26,10 @@ from mesh.liveness import install_stall_hook
 from mesh.worker_mesh import WorkerMesh
 from relay_worker import loop
 from relay_worker.admission import install as install_admission
+from relay_worker.bootstrap_dns import BootstrapDNS
 from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
+from relay_worker.metrics import derper_gauges
 from relay_worker.ratelimit import AcceptLimiter, read_limit_stats
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
@@ -36,7 +38,7 @@ from stun.server import start_stun_server
 from .config import Config, load_config, parse_hostport
 from .derpmap import published_derp_node
 from .http_port import SideServers
-from .node_metrics import gather_worker_docs, node_metrics_text
+from .node_metrics import gather_worker_docs, node_expvar, node_metrics_text, node_varz_text
 from .tls import CertReloader, build_ssl_context
 
 log = logging.getLogger("cluster.worker")
@@ -80,7 +82,12 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
                                               config.limits_accept_connection_limit_per_ip)
     host, port = config.listen_addr
     ssl_context = build_ssl_context(config)
-    tcp = make_listen_socket(host, port)
+    # derper's -tcp-user-timeout / -tcp-keepalive-time when the config has them (branch ops), else
+    # their defaults (make_listen_socket's)
+    tcp_options = {name: float(config.values[key]) for name, key in (
+        ("user_timeout", "limits.tcp_user_timeout"), ("keepalive_idle", "limits.tcp_keepalive_time"))
+        if key in config.values}
+    tcp = make_listen_socket(host, port, **tcp_options)
     admin_sock = make_unix_socket(str(run_dir / f"worker-{index}.sock"))
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
@@ -105,22 +112,38 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         doc["read_limit"] = read_limit_stats()
         return doc
 
+    async def node_docs() -> list[dict[str, Any]]:
+        snapshot = relay.stats.snapshot()
+        snapshot.update(derper_gauges(relay))
+        own = {"worker": snapshot, **await node_stats()}
+        return await gather_worker_docs(run_dir, config.worker_count, index, own)
+
     async def metrics_text() -> str:
-        own = {"worker": relay.stats.snapshot(), **await node_stats()}
-        docs = await gather_worker_docs(run_dir, config.worker_count, index, own)
+        docs = await node_docs()
         try:
             supervisor = json.loads((run_dir / "supervisor.json").read_text())
         except (OSError, ValueError):
             supervisor = None
         return node_metrics_text(docs, supervisor)
 
+    async def varz_text() -> str:
+        return node_varz_text(await node_docs())
+
+    async def vars_json() -> dict[str, Any]:
+        return node_expvar(await node_docs())
+
+    bootstrap = BootstrapDNS(config.bootstrap_dns_names, config.unpublished_bootstrap_dns_names)
+    bootstrap.start()
     app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats,
-                    metrics_text=metrics_text)
+                    metrics_text=metrics_text, varz_text=varz_text, vars_json=vars_json,
+                    home=config.home, bootstrap_dns=bootstrap)
+    read_timeout = config.limits_http_read_timeout
     server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level, accept_gate=accept_gate,
-                                         ssl_context=ssl_context), relay)
+                                         ssl_context=ssl_context, read_timeout=read_timeout), relay)
     # uvicorn puts TLS on every socket one server serves: with TLS, the admin unix socket (and the
     # plain-HTTP /generate_204 port) get a plain side server of their own.
-    side = await SideServers.start(config, uvicorn_config(app, relay, log_level=config.log_level),
+    side = await SideServers.start(config, uvicorn_config(app, relay, log_level=config.log_level,
+                                                          read_timeout=read_timeout),
                                    admin_sock if ssl_context else None)
     reloader = CertReloader.for_config(ssl_context, config)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
@@ -130,6 +153,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         if reloader is not None:
             await reloader.stop()
         await side.stop()
+        await bootstrap.stop()
         await mesh.close()
         if stun_server is not None:
             stun_server.close()

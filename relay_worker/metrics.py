@@ -71,3 +71,117 @@ def render_worker_metrics(snapshots: list[dict[str, Any]], extra: dict[str, floa
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(snapshots, extra or {}, stun_dispositions or {}))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
+
+
+# -- derper's own exposition (/debug/varz, /debug/vars) ---------------------------------------------
+#
+# derper publishes an expvar metrics.Set named "derp"; tsweb/varz turns each key into
+# "derp_<key>" with the type taken from a "gauge_"/"counter_" prefix (no prefix: counter), and no
+# _total suffix. Only the keys this project has data for are published; see docs/WIRE-NOTES.md.
+
+#: (our WorkerStats field, derper's key in its "derp" metrics.Set)
+DERPER_KEYS = (
+    ("current_connections", "gauge_current_connections"),
+    ("current_home_connections", "gauge_current_home_connections"),
+    ("watchers", "gauge_watchers"),
+    ("clients_local", "gauge_clients_local"),
+    ("current_file_descriptors", "gauge_current_file_descriptors"),
+    ("accepts", "accepts"),
+    ("bytes_received", "bytes_received"),
+    ("bytes_sent", "bytes_sent"),
+    ("packets_sent", "packets_sent"),
+    ("packets_received", "packets_received"),
+    ("unknown_frames", "unknown_frames"),
+    ("got_ping", "got_ping"),
+    ("sent_pong", "sent_pong"),
+    ("peer_gone_disconnected_frames", "peer_gone_disconnected_frames"),
+    ("peer_gone_not_here_frames", "peer_gone_not_here_frames"),
+    ("packets_forwarded_out", "packets_forwarded_out"),
+    ("packets_forwarded_in", "packets_forwarded_in"),
+    ("write_timeouts", "sclient_write_timeouts"),
+)
+#: derpserver.go genDroppedCounters: pre-created for each of these reasons and each kind
+DERPER_DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
+                       "write_error", "dup_client")
+DROP_KINDS = ("disco", "other")
+
+
+def derper_gauges(relay: Any) -> dict[str, int]:
+    """derper gauges this worker can state that WorkerStats does not hold (added to its snapshot)."""
+    import os
+
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = 0
+    return {"watchers": len(relay.watchers), "clients_local": len(relay.active), "current_file_descriptors": fds}
+
+
+def _summed(snapshots: list[dict[str, Any]], field: str) -> int:
+    return sum(int(s.get(field, 0) or 0) for s in snapshots)
+
+
+def _drops(snapshots: list[dict[str, Any]]) -> dict[str, int]:
+    reasons: dict[str, int] = dict.fromkeys(DERPER_DROP_REASONS, 0)
+    for snap in snapshots:
+        for reason, count in snap.get("drops", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return reasons
+
+
+def _stun_dispositions(stun: dict[str, int]) -> dict[str, int]:
+    """Our STUN outcomes in stunserver.go's dispositions: a response is success, any drop not_stun."""
+    out = {"success": stun.get("response", 0), "not_stun": 0, "read_error": 0, "write_error": 0}
+    for reason, count in stun.items():
+        if reason != "response":
+            out["not_stun"] += count
+    return out
+
+
+def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[str, int] | None = None,
+                       clients_total: int | None = None) -> str:
+    """Prometheus text as derper's /debug/varz writes it (tsweb/varz), summed over `snapshots`.
+
+    The drop counters carry derper's {reason, kind} labels, pre-created for the 7 derper reasons
+    and both kinds. This project does not classify drops by kind: every drop is reported as
+    kind="other" (and derp_bytes_dropped is not published, since dropped bytes are not counted).
+    """
+    lines: list[str] = []
+    for field, key in sorted(DERPER_KEYS, key=lambda fk: fk[1]):
+        typ = "gauge" if key.startswith("gauge_") else "counter"
+        name = "derp_" + key.removeprefix("gauge_").removeprefix("counter_")
+        lines.append(f"# TYPE {name} {typ}\n{name} {_summed(snapshots, field)}")
+    if clients_total is not None:
+        # derper: every key it can route to (its own and its mesh peers'); here the cluster directory
+        local = _summed(snapshots, "clients_local")
+        lines.append(f"# TYPE derp_clients_total gauge\nderp_clients_total {max(clients_total, local)}")
+        lines.append(f"# TYPE derp_clients_remote gauge\nderp_clients_remote {max(clients_total - local, 0)}")
+    lines.append("# TYPE derp_websocket_accepts counter\n"
+                 f"derp_websocket_accepts {_summed(snapshots, 'websocket_accepts')}")
+    drops = _drops(snapshots)
+    dropped = ["# TYPE derp_packets_dropped counter",
+               "# HELP derp_packets_dropped DERP packets dropped by reason and by kind"]
+    for reason in sorted(drops):
+        for kind in DROP_KINDS:
+            value = drops[reason] if kind == "other" else 0
+            dropped.append(f'derp_packets_dropped{{kind="{kind}",reason="{reason}"}} {value}')
+    lines.append("\n".join(dropped))
+    if stun_dispositions is not None:
+        stun = ["# TYPE stun_requests counter"]
+        for disposition, count in sorted(_stun_dispositions(stun_dispositions).items()):
+            stun.append(f'stun_requests{{disposition="{disposition}"}} {count}')
+        lines.append("\n".join(stun))
+    return "\n".join(lines) + "\n"
+
+
+def derper_expvar(snapshots: list[dict[str, Any]], stun_dispositions: dict[str, int] | None = None) -> dict[str, Any]:
+    """/debug/vars as Go's expvar handler writes it: the "derp" set under its own keys."""
+    doc: dict[str, Any] = {
+        "derp": {key: _summed(snapshots, field) for field, key in sorted(DERPER_KEYS, key=lambda fk: fk[1])},
+        "derp_websocket_accepts": _summed(snapshots, "websocket_accepts"),
+        "derp_packets_dropped": {f"{kind},{reason}": (count if kind == "other" else 0)
+                                 for reason, count in sorted(_drops(snapshots).items()) for kind in DROP_KINDS},
+    }
+    if stun_dispositions is not None:
+        doc["stun_requests"] = _stun_dispositions(stun_dispositions)
+    return doc

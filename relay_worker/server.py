@@ -15,20 +15,47 @@ from typing import Any
 
 import uvicorn
 
-from .http_protocol import protocol_class_for
+from .http_protocol import READ_TIMEOUT, protocol_class_for
 from .relay import SWEEP_INTERVAL, Relay
 
 log = logging.getLogger("relay_worker.server")
 
 
-def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog: int = 4096) -> socket.socket:
-    """A listening TCP socket; SO_REUSEPORT lets every worker bind the DERP port itself."""
+#: derper's -tcp-user-timeout and -tcp-keepalive-time defaults (cmd/derper/derper.go)
+TCP_USER_TIMEOUT = 15.0
+TCP_KEEPALIVE_IDLE = 600
+#: Go's keep-alive probe interval and count when only the idle time is given (net.KeepAliveConfig)
+TCP_KEEPALIVE_INTERVAL = 15
+TCP_KEEPALIVE_COUNT = 9
+
+
+def set_tcp_timeouts(sock: socket.socket, user_timeout: float = TCP_USER_TIMEOUT,
+                     keepalive_idle: int = TCP_KEEPALIVE_IDLE) -> None:
+    """TCP_USER_TIMEOUT and keep-alive, as derper's listener sets them (D2). Set on the listening
+    socket, Linux copies them to every accepted one: a peer that vanished is cut off 15 s after
+    unacknowledged data (our 60 s DERP keepalive is such data) instead of after ~15 minutes.
+    A value <= 0 leaves that option at the kernel default."""
+    if keepalive_idle > 0 and hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_KEEPALIVE_COUNT)
+    if hasattr(socket, "TCP_USER_TIMEOUT") and user_timeout > 0:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+
+
+def make_listen_socket(host: str, port: int, *, reuse_port: bool = True, backlog: int = 4096,
+                       user_timeout: float = TCP_USER_TIMEOUT, keepalive_idle: float = TCP_KEEPALIVE_IDLE,
+                       ) -> socket.socket:
+    """A listening TCP socket; SO_REUSEPORT lets every worker bind the DERP port itself. `::` is
+    dual stack (IPV6_V6ONLY off), as Go's `:443`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        set_tcp_timeouts(sock, user_timeout, int(keepalive_idle))
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
@@ -104,24 +131,26 @@ class WorkerServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Any, relay: Relay, *, log_level: str = "info", ssl_context: ssl.SSLContext | None = None,
-                   accept_gate: Callable[[Any], bool] | None = None) -> uvicorn.Config:
+                   accept_gate: Callable[[Any], bool] | None = None,
+                   read_timeout: float = READ_TIMEOUT) -> uvicorn.Config:
     config = uvicorn.Config(
         app,
-        http=protocol_class_for(relay, accept_gate),
-        ws="websockets-sansio",
+        # TLS is done by the protocol, after the accept gate (D14), not by uvicorn's server
+        http=protocol_class_for(relay, accept_gate, read_timeout=read_timeout, tls_context=ssl_context),
+        # WebSocket DERP is hijacked by the HTTP protocol (websocket_transport.py); any other
+        # WebSocket upgrade is an ordinary request, as in derper's mux
+        ws="none",
+        ws_per_message_deflate=False,  # derper: CompressionDisabled (D10)
+        proxy_headers=False,  # derper uses the TCP peer, never X-Forwarded-For (C12)
         lifespan="off",
         loop="none",
         log_level=log_level,
         access_log=False,
         server_header=False,
-        timeout_keep_alive=5,
+        timeout_keep_alive=int(max(1, read_timeout)),  # derper: IdleTimeout unset, so ReadTimeout
         timeout_graceful_shutdown=5,
-        ws_ping_interval=None,
-        ws_max_size=1 << 20,
     )
     config.load()
-    if ssl_context is not None:
-        config.ssl = ssl_context
     return config
 
 

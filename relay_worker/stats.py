@@ -22,6 +22,7 @@ DROP_REASONS = (
 class WorkerStats:
     started: float = field(default_factory=time.time)
     accepts: int = 0
+    websocket_accepts: int = 0  # derper: derp_websocket_accepts
     current_connections: int = 0
     current_home_connections: int = 0
     packets_received: int = 0  # SendPacket/ForwardPacket frames read from clients

@@ -1,120 +1,272 @@
-"""A transport-shaped adapter so `DerpServerConn` can speak DERP over a Starlette WebSocket.
+"""DERP over WebSocket, on the raw socket: the HTTP protocol hands a `/derp` WebSocket upgrade to
+`WebSocketDerp`, which does the handshake with websockets' sans-I/O `ServerProtocol` and then sits
+between the socket and a `DerpServerConn`, as its transport.
 
-DERP-over-WebSocket carries the same byte stream in binary messages. The connection logic writes
-synchronously, as to an asyncio transport; this adapter batches those writes into WebSocket messages
-from one sender task and reports buffer pressure through pause_writing/resume_writing like a socket.
+Why not ASGI: a WebSocket under uvicorn has its own buffers and tasks that the relay cannot see, so
+a client that stopped reading was timed out by the relay but its socket never closed, a client that
+flooded pings without reading the pongs grew the worker's memory without bound, and a text frame
+with invalid UTF-8 logged a traceback. Here, as with raw DERP, the socket's own write buffer is what
+the relay watches (pause_writing/resume_writing, the 2 s write timeout), close() really closes (and
+aborts when the peer does not read), and:
+
+- binary messages (and their continuation frames) are the DERP byte stream, as Go's wsconn reads
+  them; a text message closes the connection with 1003, as wsconn does (C12);
+- pongs are written only while the write buffer is below HIGH_WATER: a client whose pings fill it
+  is no longer read until it drains, so what it can make us hold is bounded by HIGH_WATER plus one
+  read; the relay's write timeout then drops it;
+- the DERP handshake deadline (DerpServerConn's timer) applies from the 101, so a client that opens
+  a WebSocket and never sends ClientInfo is closed like a raw one;
+- no permessage-deflate (derper sets CompressionDisabled, D10); any Origin is accepted;
+- one message may be at most MAX_MESSAGE bytes (Go streams messages of any size; DERP clients
+  write one frame or a few per message).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
+import struct
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.frames import Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
-from .conn import HIGH_WATER, LOW_WATER, DerpServerConn
+from .conn import HIGH_WATER, DerpServerConn
+from .relay import Relay
+
+log = logging.getLogger("relay_worker.websocket")
 
 
-class WebSocketTransport:
-    def __init__(self, websocket: WebSocket, protocol: DerpServerConn) -> None:
-        self.websocket = websocket
-        self.protocol = protocol
-        self.outbox: list[bytes] = []
-        self.buffered = 0
-        self.paused = False
+class _ClientInputLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets logs what a client got wrong (some with a traceback): keep it at debug, one line."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        kwargs.pop("exc_info", None)
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+
+_ws_log = _ClientInputLog(log, {})
+
+MAX_MESSAGE = 1 << 20
+#: after close(), how long the peer has to take our last bytes before the socket is aborted
+CLOSE_GRACE = 2.0
+
+
+def _frame_header(size: int) -> bytes:
+    """An unmasked, final, binary frame header (RFC 6455 5.2), as a server sends."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
+def _select_derp(protocol: ServerProtocol, offered: Any) -> str | None:
+    # as coder/websocket with Subprotocols ["derp"]: pick it when offered, else continue without one
+    return "derp" if "derp" in offered else None
+
+
+class WebSocketDerp:
+    """The asyncio Protocol of the socket, and the transport DerpServerConn writes to."""
+
+    def __init__(self, relay: Relay, transport: Any, peer: Any) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.peer = peer
+        self.ws = ServerProtocol(extensions=None, subprotocols=["derp"], select_subprotocol=_select_derp,
+                                 max_size=MAX_MESSAGE, logger=_ws_log)
+        self.conn: DerpServerConn | None = None
         self.closing = False
-        self.wakeup = asyncio.Event()
-        self.reading = asyncio.Event()
-        self.reading.set()
+        self.text_message = False  # inside a text message (its continuation frames are refused too)
+        self.derp_paused = False  # DerpServerConn asked for reading to stop (admission)
+        self.pong_paused = False  # our pongs filled the write buffer
+        self.write_paused = False
+        self.abort_timer: Any = None
 
-    # the asyncio.Transport surface DerpServerConn uses
+    # -- the handshake -------------------------------------------------------------------------------
+
+    def handshake(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], early: bytes) -> None:
+        if method != "GET":
+            # coder/websocket's Accept, through http.Error
+            body = f"WebSocket protocol violation: handshake request method is not GET but {method!r}\n"
+            self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                 b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+            self.closing = True
+            self._close_transport()
+            return
+        # the head was parsed and bounded by the HTTP protocol; websockets parses it again, for its
+        # own checks (Sec-WebSocket-Key and -Version, Connection, Upgrade)
+        head = [b"GET ", target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        ws = self.ws
+        ws.receive_data(b"".join(head))
+        requests = [event for event in ws.events_received() if isinstance(event, Request)]
+        if not requests:
+            self.closing = True
+            self._close_transport()
+            return
+        response = ws.accept(requests[0])
+        ws.send_response(response)
+        self._flush_ws()
+        if response.status_code != 101:
+            self.closing = True
+            self._close_transport()
+            return
+        if ws.subprotocol != "derp":
+            self._fail(1008, "client must speak the derp subprotocol")
+            return
+        self.relay.stats.websocket_accepts += 1
+        self.conn = DerpServerConn(self.relay, self.peer, ideal_node=True, websocket=True)
+        self.conn.connection_made(self)
+        if early:
+            self.data_received(early)
+
+    # -- asyncio Protocol (the socket) ---------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # not called: the HTTP protocol hands us the socket
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        conn = self.conn
+        for event in ws.events_received():
+            if not isinstance(event, Response) and not isinstance(event, Request):
+                opcode = event.opcode
+                if opcode is Opcode.BINARY or (opcode is Opcode.CONT and not self.text_message):
+                    self.text_message = False
+                    if conn is not None and not self.closing and event.data:
+                        conn.data_received(bytes(event.data))
+                elif opcode is Opcode.TEXT or opcode is Opcode.CONT:
+                    self.text_message = True
+                    # wsconn: "unexpected frame type read (expected MessageBinary)", StatusUnsupportedData
+                    self._fail(1003, "unexpected frame type read (expected MessageBinary): MessageText")
+                    return
+        output = ws.data_to_send()
+        if output and not self.closing:
+            # pongs and our close reply; DERP data never goes through ws.send_*
+            self.transport.write(b"".join(output))
+            if self.transport.get_write_buffer_size() > HIGH_WATER and not self.pong_paused:
+                self.pong_paused = True
+                self._update_reading()
+        if ws.state is State.CLOSING or ws.state is State.CLOSED or ws.parser_exc is not None:
+            # the peer closed, or broke the framing (ws queued the close frame written above)
+            self._close_transport()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.abort_timer is not None:
+            self.abort_timer.cancel()
+            self.abort_timer = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.conn is not None:
+            self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.pong_paused:
+            self.pong_paused = False
+            self._update_reading()
+        if self.conn is not None:
+            self.conn.resume_writing()
+
+    # -- the transport surface DerpServerConn uses ----------------------------------------------------
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername" and self.websocket.client:
-            return (self.websocket.client.host, self.websocket.client.port)
-        return default
+        if name == "peername":
+            return self.peer
+        return self.transport.get_extra_info(name, default)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
+        self.transport.set_write_buffer_limits(high=high, low=low)
 
     def get_write_buffer_size(self) -> int:
-        return self.buffered
+        return int(self.transport.get_write_buffer_size())
 
     def write(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or not data:
             return
-        self.outbox.append(data)
-        self.buffered += len(data)
-        self.wakeup.set()
-        if not self.paused and self.buffered > HIGH_WATER:
-            self.paused = True
-            self.protocol.pause_writing()
+        self.transport.write(_frame_header(len(data)) + data if len(data) < 4096 else _frame_header(len(data)))
+        if len(data) >= 4096:
+            self.transport.write(data)
 
     def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+        self.write(b"".join(chunks))
 
     def pause_reading(self) -> None:
-        self.reading.clear()
+        self.derp_paused = True
+        self._update_reading()
 
     def resume_reading(self) -> None:
-        self.reading.set()
-
-    def close(self) -> None:
-        self.closing = True
-        self.wakeup.set()
-
-    def abort(self) -> None:
-        self.outbox.clear()
-        self.close()
+        self.derp_paused = False
+        self._update_reading()
 
     def is_closing(self) -> bool:
         return self.closing
 
-    async def send_loop(self) -> None:
-        try:
-            while True:
-                await self.wakeup.wait()
-                self.wakeup.clear()
-                if self.outbox:
-                    batch, self.outbox = self.outbox, []
-                    self.buffered = 0
-                    await self.websocket.send_bytes(b"".join(batch))
-                    if self.paused and self.buffered < LOW_WATER:
-                        self.paused = False
-                        self.protocol.resume_writing()
-                if self.closing and not self.outbox:
-                    with contextlib.suppress(Exception):
-                        await self.websocket.close()
-                    return
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            self.closing = True
-
-    async def receive_loop(self) -> None:
-        try:
-            while not self.closing:
-                await self.reading.wait()
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                data = message.get("bytes")
-                if data is None and message.get("text") is not None:
-                    data = message["text"].encode()
-                if data:
-                    self.protocol.data_received(data)
-        except (WebSocketDisconnect, RuntimeError, OSError):
+    def close(self) -> None:
+        """Close frame, then close the socket; abort if the peer does not take it (it may not read)."""
+        if self.closing:
             return
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(1000)
+        self._close_transport()
 
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abort()
 
-async def serve_websocket(websocket: WebSocket, protocol: DerpServerConn) -> None:
-    transport = WebSocketTransport(websocket, protocol)
-    protocol.connection_made(transport)
-    sender = asyncio.create_task(transport.send_loop())
-    try:
-        await transport.receive_loop()
-    finally:
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+        self._close_transport()
+
+    def _flush_ws(self) -> None:
+        output = self.ws.data_to_send()
+        if output:
+            self.transport.write(b"".join(output))
+
+    def _close_transport(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._flush_ws()
+        transport = self.transport
+        if transport.is_closing() and self.abort_timer is not None:
+            return
+        if transport.get_write_buffer_size() > HIGH_WATER:
+            transport.abort()
+            return
         transport.close()
-        protocol.connection_lost(None)
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
-            await asyncio.wait_for(sender, 2.0)
-        sender.cancel()
+        if self.abort_timer is None:
+            loop = self.relay_loop()
+            self.abort_timer = loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def relay_loop(self) -> Any:
+        import asyncio
+
+        return asyncio.get_running_loop()
+
+    def _update_reading(self) -> None:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            if self.derp_paused or self.pong_paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()

@@ -108,6 +108,8 @@ def _bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # For "::" the platform default for IPV6_V6ONLY applies (dual-stack on Linux); IPv4 clients
         # then show up as ::ffff:a.b.c.d and the codec answers them with an IPv4 address.
+        if sock.family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # Go's ":3478" is dual stack
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:

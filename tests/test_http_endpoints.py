@@ -46,8 +46,8 @@ def test_probe_paths(one_worker: ClusterProcess, path: str) -> None:
     for method in ("GET", "HEAD"):
         status, headers, _ = fetch(one_worker.base + path, method=method)
         assert status == 200 and headers["access-control-allow-origin"] == "*"
-    status, _, _ = fetch(one_worker.base + path, method="POST")
-    assert status == 405
+    status, _, body = fetch(one_worker.base + path, method="POST")
+    assert status == 405 and body == b"bogus probe method\n"
 
 
 def test_derp_without_upgrade_is_426(one_worker: ClusterProcess) -> None:
@@ -56,7 +56,9 @@ def test_derp_without_upgrade_is_426(one_worker: ClusterProcess) -> None:
 
 
 def test_admin_paths_answer_loopback(one_worker: ClusterProcess) -> None:
-    status, _, body = fetch(one_worker.base + "/debug/varz")
+    status, _, body = fetch(one_worker.base + "/debug/varz")  # derper's: Prometheus text (D6)
+    assert status == 200 and b"\nderp_accepts " in body
+    status, _, body = fetch(one_worker.base + "/debug/varz?local=1")  # this worker's JSON
     assert status == 200 and "worker" in json.loads(body)
     status, _headers, body = fetch(one_worker.base + "/metrics")
     assert status == 200 and b"derp_current_connections" in body
