@@ -212,10 +212,9 @@ def go_peer_chain(port: int, server_name: str, tmp_path: Path) -> list[tuple[str
     """(CN, serial) of each certificate as Go's TLS client receives them; None without Go."""
     if shutil.which("go") is None:
         return None
-    source = Path(__file__).parent / "go" / "tlspeek"
     binary = tmp_path / "tlspeek"
-    build = subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, capture_output=True, text=True,
-                           timeout=300)
+    build = subprocess.run(["go", "build", "-o", str(binary), "./cmd/tlspeek"], cwd=Path(__file__).parent / "interop",
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     out = subprocess.run([str(binary), f"127.0.0.1:{port}", server_name], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

@@ -147,6 +147,7 @@ class NetNS:
         self.name = f"derpit{os.getpid()}x{next(_ns_counter)}"
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.clusters: list[ClusterProcess] = []
         self.etc = Path("/etc/netns") / self.name
         self.hosts = dict(hosts or {})
         self._logs = itertools.count()
@@ -172,6 +173,9 @@ class NetNS:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for cluster in reversed(self.clusters):
+            with contextlib.suppress(Exception):
+                cluster.stop()
         for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.stop()
@@ -224,6 +228,7 @@ class NamespacedCluster(ClusterProcess):
 
     def start(self, wait: bool = True) -> NamespacedCluster:
         self.env = {**BASE_ENV, **(self.env or {})}
+        self.ns.clusters.append(self)  # stopped with the namespace, whatever the test does
         super().start(wait)
         return self
 

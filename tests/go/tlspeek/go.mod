@@ -1,3 +1,0 @@
-module tlspeek
-
-go 1.22
