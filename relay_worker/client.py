@@ -317,6 +317,11 @@ async def _open_upgrade(host: str, port: int, path: str, ctx: ssl.SSLContext | N
     return _StreamIO(reader, writer)
 
 
+#: what Tailscale's WebSocket client accepts per message (coder/websocket's default read limit):
+#: our client is as strict, so a server that sends more fails our tests as it would fail tailscaled
+GO_WEBSOCKET_READ_LIMIT = 32 * 1024
+
+
 async def _open_websocket(scheme: str, host: str, port: int, path: str, ctx: ssl.SSLContext | None,
                           extra_headers: dict[str, str] | None) -> _WebSocketIO:
     import websockets
@@ -324,7 +329,7 @@ async def _open_websocket(scheme: str, host: str, port: int, path: str, ctx: ssl
     ws_scheme = "wss" if scheme in ("https", "wss") else "ws"
     try:
         ws = await websockets.connect(f"{ws_scheme}://{host}:{port}{path}", subprotocols=["derp"],  # type: ignore[list-item]
-                                      ssl=ctx, max_size=1 << 20, additional_headers=extra_headers,
+                                      ssl=ctx, max_size=GO_WEBSOCKET_READ_LIMIT, additional_headers=extra_headers,
                                       ping_interval=None)
     except (OSError, websockets.InvalidHandshake) as exc:
         raise DerpClientError(f"WebSocket connect to {host}:{port} failed: {exc}") from exc

@@ -53,6 +53,10 @@ class _ClientInputLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 _ws_log = _ClientInputLog(log, {})
 
 MAX_MESSAGE = 1 << 20
+#: Tailscale's WebSocket client (coder/websocket, whose default derphttp never raises) refuses a
+#: message over 32 KiB and reconnects; a batch of DERP frames therefore goes out as several
+#: messages (DERP frames may span messages, so where they are cut does not matter).
+MAX_OUT_MESSAGE = 32 * 1024
 #: after close(), how long the peer has to take our last bytes before the socket is aborted
 CLOSE_GRACE = 2.0
 
@@ -202,9 +206,16 @@ class WebSocketDerp:
     def write(self, data: bytes) -> None:
         if self.closing or not data:
             return
-        self.transport.write(_frame_header(len(data)) + data if len(data) < 4096 else _frame_header(len(data)))
-        if len(data) >= 4096:
-            self.transport.write(data)
+        size = len(data)
+        if size < 4096:
+            self.transport.write(_frame_header(size) + data)
+            return
+        view = memoryview(data)
+        parts: list[bytes | memoryview] = []
+        for start in range(0, size, MAX_OUT_MESSAGE):
+            chunk = view[start : start + MAX_OUT_MESSAGE]
+            parts += (_frame_header(len(chunk)), chunk)
+        self.transport.writelines(parts)
 
     def writelines(self, chunks: Any) -> None:
         self.write(b"".join(chunks))

@@ -435,3 +435,28 @@ def test_tcp_timeouts_can_be_set_and_turned_off() -> None:
         assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
     finally:
         listener.close()
+
+
+def test_websocket_batches_fit_go_clients_message_limit(node: ClusterProcess) -> None:
+    """A burst for a WebSocket client goes out as messages Tailscale's client accepts (at most 32 KiB
+    each; a larger one made tailscaled drop the connection and lose what was queued)."""
+
+    async def run() -> None:
+        sender = await DerpClient.connect(node.url)
+        receiver = await DerpClient.connect(node.url, websocket=True)  # refuses messages over 32 KiB
+        try:
+            await sender.send(receiver.public_key, b"warm")
+            await receiver.recv_packet(timeout=5)
+            # a burst of small packets, and packets of DERP's full 64 KiB, each batch over 32 KiB
+            sizes = [1200] * 200 + [65536] * 4
+            for index, size in enumerate(sizes):
+                sender.send_nowait(receiver.public_key, index.to_bytes(4, "big") + bytes(size - 4))
+            await sender.flush()
+            got = [await receiver.recv_packet(timeout=5) for _ in sizes]
+            assert [int.from_bytes(p.data[:4], "big") for p in got] == list(range(len(sizes)))
+            assert [len(p.data) for p in got] == sizes
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    asyncio.run(run())

@@ -66,6 +66,7 @@ func (cl *client) receive(ctx context.Context, size int) {
 		m, err := cl.c.Recv()
 		if err != nil {
 			if ctx.Err() == nil {
+				log.Printf("recv %v: %v", cl.key.ShortString(), err)
 				time.Sleep(50 * time.Millisecond) // the client reconnects on the next Recv
 			}
 			continue
@@ -154,7 +155,9 @@ func main() {
 			if !cl.heardHello.Load() {
 				done = false
 			}
-			cl.c.Send(cl.peer, packet(kindHello, 0, 64))
+			if err := cl.c.Send(cl.peer, packet(kindHello, 0, 64)); err != nil {
+				logf("send hello %v: %v", cl.key.ShortString(), err)
+			}
 		}
 		if done {
 			break
@@ -171,6 +174,8 @@ func main() {
 		for _, cl := range all {
 			if err := cl.c.Send(cl.peer, packet(kindData, uint32(seq), *size)); err == nil {
 				sum.Sent++
+			} else {
+				logf("send %v: %v", cl.key.ShortString(), err)
 			}
 		}
 		if seq%*burst == *burst-1 {
