@@ -4,11 +4,13 @@ chunk for a fixed one-way delay in each direction.
 
     python -m tests.multihost.delayproxy --route 203.0.113.1:7100:2=192.0.2.1:0.015 [--route ...]
 
-A route is LISTEN_HOST:BASE_PORT:COUNT=TARGET_HOST:DELAY_SECONDS and covers BASE_PORT ..
-BASE_PORT+COUNT-1 (one mesh port per worker) onto the same ports of TARGET_HOST. Each chunk is
+A route is LISTEN_HOST:BASE_PORT:COUNT=TARGET_HOST[:TARGET_BASE]:DELAY_SECONDS and covers
+BASE_PORT .. BASE_PORT+COUNT-1 (one mesh port per worker) onto the same ports of TARGET_HOST (or
+from TARGET_BASE on). Each chunk is
 timestamped when read and written when its delay has passed, in order; a direction holds at most
 MAX_HELD bytes (reading stops until the writer catches up), so a stalled link backs up into the
-sender's socket as a real one would. Prints `ready` once every listener is bound.
+sender's socket as a real one would. `--echo PORT` also serves a TCP echo (to measure the proxy
+itself). Prints `ready` once every listener is bound.
 """
 
 from __future__ import annotations
@@ -105,21 +107,33 @@ async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, 
         w.close()
 
 
-def parse_route(text: str) -> tuple[str, int, int, str, float]:
+def parse_route(text: str) -> tuple[str, int, int, str, int, float]:
     listen, _, to = text.partition("=")
     host, base, count = listen.rsplit(":", 2)
-    target, delay = to.rsplit(":", 1)
-    return host, int(base), int(count), target, float(delay)
+    parts = to.split(":")
+    target_base = int(parts[1]) if len(parts) == 3 else int(base)
+    return host, int(base), int(count), parts[0], target_base, float(parts[-1])
 
 
-async def main(routes: list[str]) -> None:
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _nodelay(writer)
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def main(routes: list[str], echo_port: int = 0) -> None:
     servers = []
+    if echo_port:  # for measuring the proxy itself: the other namespaces reach it through their proxies
+        servers.append(await asyncio.start_server(echo, "0.0.0.0", echo_port, reuse_address=True))
     for text in routes:
-        host, base, count, target, delay = parse_route(text)
+        host, base, count, target, target_base, delay = parse_route(text)
         for port in range(base, base + count):
-            async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, port: int = port,
+            async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, to: int = target_base + port - base,
                              target: str = target, delay: float = delay) -> None:
-                await relay(r, w, target, port, delay)
+                await relay(r, w, target, to, delay)
 
             servers.append(await asyncio.start_server(handle, host, port, reuse_address=True))
     print("ready", flush=True)
@@ -129,7 +143,8 @@ async def main(routes: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="delayproxy")
     parser.add_argument("--route", action="append", required=True)
+    parser.add_argument("--echo", type=int, default=0, help="also serve a TCP echo on 0.0.0.0:PORT")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(args.route))
+        asyncio.run(main(args.route, args.echo))
     sys.exit(0)

@@ -55,6 +55,8 @@ LINKS = {("a", "b"): ("192.0.2.1", "192.0.2.2"), ("a", "c"): ("192.0.2.5", "192.
 #: round-trip times between the regions, ms
 RTT_MS = {("a", "b"): 30.0, ("a", "c"): 80.0, ("b", "c"): 150.0}
 MESH_PORT = {"a": 7100, "b": 7200, "c": 7300}
+ECHO_PORT = 7099  # the others reach each namespace's echo (on ECHO_TARGET) here, through their proxies
+ECHO_TARGET = 7098
 DERP_PORT = 8080  # each node's DERP listener, on its namespace's loopback
 PREFIX = "dmh"
 CLONE_NEWNET = 0x40000000
@@ -236,9 +238,14 @@ class Topology:
                 _ip("-n", self.ns(here), "link", "set", f"to{there}", "up")
 
     def _start_proxy(self, x: str) -> None:
-        routes = [f"{PUBLIC[y]}:{MESH_PORT[y]}:{self.workers}={link_addr(y, x)}:{one_way_ms(x, y, self.rtt_ms) / 1000}"
-                  for y in NODES if y != x]
-        argv = ["ip", "netns", "exec", self.ns(x), sys.executable, "-m", "tests.multihost.delayproxy"]
+        routes = []
+        for y in NODES:
+            if y != x:
+                delay = one_way_ms(x, y, self.rtt_ms) / 1000
+                routes.append(f"{PUBLIC[y]}:{MESH_PORT[y]}:{self.workers}={link_addr(y, x)}:{delay}")
+                routes.append(f"{PUBLIC[y]}:{ECHO_PORT}:1={link_addr(y, x)}:{ECHO_TARGET}:{delay}")
+        argv = ["ip", "netns", "exec", self.ns(x), sys.executable, "-m", "tests.multihost.delayproxy",
+                "--echo", str(ECHO_TARGET)]
         for route in routes:
             argv += ["--route", route]
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -290,10 +297,24 @@ class Topology:
 
     # -- the network ---------------------------------------------------------------------------------
 
+    #: how `link(x, y, up=False)` cuts: "drop" (default) loses every frame silently, as a WAN
+    #: partition does: each end's neighbour entry for the other points at a MAC nobody has, so
+    #: frames leave and are discarded by the far veth (no error to the sender, TCP just
+    #: retransmits, new connections' SYNs go unanswered); "down" sets both veth ends down (the
+    #: kernel has no route: sends fail at once with ENETUNREACH).
+    cut_mode: str = "drop"
+
     def link(self, x: str, y: str, up: bool) -> None:
-        """Set the x-y veth down (both ends: neither kernel has a route to the other) or up again."""
+        """Cut the x-y link (see cut_mode) or restore it."""
         for here, there in ((x, y), (y, x)):
-            _ip("-n", self.ns(here), "link", "set", f"to{there}", "up" if up else "down")
+            dev = f"to{there}"
+            if self.cut_mode == "down":
+                _ip("-n", self.ns(here), "link", "set", dev, "up" if up else "down")
+            elif up:
+                _ip("-n", self.ns(here), "neigh", "del", link_addr(there, here), "dev", dev, check=False)
+            else:
+                _ip("-n", self.ns(here), "neigh", "replace", link_addr(there, here), "lladdr", "02:00:00:00:00:01",
+                    "dev", dev, "nud", "permanent")
 
     # -- clients -------------------------------------------------------------------------------------
 
@@ -319,12 +340,37 @@ class Topology:
         return client
 
 
+    async def echo_rtts(self, x: str, y: str, count: int = 50) -> list[float]:
+        """TCP ping-pong (64 bytes) from x's namespace to y's echo through x's proxy: the proxy alone, ms."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor(x), _ping, PUBLIC[y], ECHO_PORT, count)
+
+
+def _ping(host: str, port: int, count: int) -> list[float]:
+    out = []
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(b"p" * 64)
+            got = 0
+            while got < 64:
+                chunk = sock.recv(64 - got)
+                if not chunk:
+                    raise ConnectionError("echo closed")
+                got += len(chunk)
+            out.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.005)
+    return out
+
+
 _counter = itertools.count()
 
 
 class KeyWatch:
-    """Poll every worker of some nodes from threads of their own (about every 3 ms) until a
-    condition on that worker's varz holds; record when, relative to `start()`."""
+    """Poll every worker of some nodes from threads of their own until a condition on that worker's
+    varz holds; record when, relative to `start()`. About every 10 ms: polling faster loads the
+    very workers it times."""
 
     def __init__(self, nodes: list[NsNode], done: Callable[[NsNode, int, dict[str, Any]], bool],
                  timeout: float = 20.0) -> None:
@@ -350,7 +396,7 @@ class KeyWatch:
                 if self.done(node, index, node.varz_of(index)):
                     self.at[(node.name, index)] = time.monotonic() - self.t0
                     return
-            time.sleep(0.003)
+            time.sleep(0.01)
 
     def wait(self) -> dict[tuple[str, int], float]:
         for thread in self.threads:

@@ -228,6 +228,8 @@ class Partition:
     heal: dict[str, float]                  # node -> seconds from link up to all 5 peers and all keys
     a_min_keys_heal: int                    # fewest keys any worker of a held while the cut healed
     reincarnations: dict[str, int]          # node -> reincarnations of its workers (from varz)
+    cut_s: float = 0.0                      # how long the link was down
+    dropped_unknown: int = 0                # packets b and c dropped as `unknown_dest` while the cut held
 
 
 async def partition_b_c(topo: Topology, clients: Clients, hold: float = 0.0) -> Partition:
@@ -256,8 +258,10 @@ async def partition_b_c(topo: Topology, clients: Clients, hold: float = 0.0) -> 
     pairs = {"b>c": (by_node["b"][1], by_node["c"][1]), "c>b": (by_node["c"][1], by_node["b"][1]),
              "a>b": (by_node["a"][0], by_node["b"][1]), "b>a": (by_node["b"][1], by_node["a"][0]),
              "a>c": (by_node["a"][0], by_node["c"][1]), "c>a": (by_node["c"][1], by_node["a"][0])}
+    dropped_before = _unknown_dest(b) + _unknown_dest(c)
     counts = await deliveries(list(pairs.values()))
     delivered = dict(zip(pairs, counts, strict=True))
+    dropped = _unknown_dest(b) + _unknown_dest(c) - dropped_before
     if hold:
         await asyncio.sleep(hold)  # figures only: a longer partition
     sampler_cut.stop()
@@ -275,7 +279,12 @@ async def partition_b_c(topo: Topology, clients: Clients, hold: float = 0.0) -> 
     late = await drain(by_node["c"][0], quiet=1.0)
     into_the_cut = sum(1 for p in late if p.startswith(b"cut"))
     reinc = {n.name: sum(n.varz_of(i)["mesh"]["reincarnations"] for i in range(n.workers)) for n in (a, b, c)}
-    return Partition(detect, a_alive, keys_during, delivered, into_the_cut, heal, sampler.min_keys("a"), reinc)
+    return Partition(detect, a_alive, keys_during, delivered, into_the_cut, heal, sampler.min_keys("a"), reinc,
+                     heal_at - cut_at, dropped)
+
+
+def _unknown_dest(node: NsNode) -> int:
+    return sum(node.varz_of(i)["worker"]["drops"].get("unknown_dest", 0) for i in range(node.workers))
 
 
 def _alive_of(doc: dict[str, Any], node: str) -> int:

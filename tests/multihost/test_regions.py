@@ -93,6 +93,7 @@ async def test_partition_between_b_and_c_each_still_reaching_a_heals_to_one_dire
         assert result.keys_during["c"] == [4, 4]
         # there is no path through a: packets across the cut are dropped; everything via a arrives
         assert result.delivered_during["b>c"] == 0 and result.delivered_during["c>b"] == 0
+        assert result.dropped_unknown == 10  # counted where they were sent, as for any unknown key
         assert all(result.delivered_during[p] == 5 for p in ("a>b", "b>a", "a>c", "c>a")), result.delivered_during
         # after the heal: every worker sees every worker and every key again
         assert set(result.heal) == set(NODES) and all(t < 30 for t in result.heal.values()), result.heal
