@@ -35,7 +35,7 @@ def out(line: str = "") -> None:
     print(line, flush=True)
 
 
-async def regions(trials: int, rounds: int, holds: list[float]) -> None:
+async def regions(trials: int, rounds: int, holds: list[float], modes: list[str]) -> None:
     with Topology() as topo:
         formed = form_mesh_sync(topo)
         out(f"mesh formed: {formed * 1000:.0f} ms after all three nodes served (b and c join through a)")
@@ -91,13 +91,14 @@ async def regions(trials: int, rounds: int, holds: list[float]) -> None:
         await close_clients(clients)
         await all_keys(topo, 0)
 
-        out("### Partition b-c (both veth ends down; a reaches both)")
+        out("### Partition b-c (a reaches both); drop: every frame silently lost; down: both veth ends down")
         out()
-        out("| cut held | b / c declare the other dead | a's workers saw alive (min) | keys a / b / c during "
+        out("| cut | held | b / c declare the other dead | a's workers saw alive (min) | keys a / b / c during "
             "| delivered during (of 5) | dropped by b, c as unknown_dest | sent into the cut, delivered after heal "
             "| heal: b / c see all 5 peers and 6 keys | a's fewest keys while healing | reincarnations a / b / c |")
-        out("|---|---|---:|---|---|---:|---:|---|---:|---|")
-        for hold in holds:
+        out("|---|---|---|---:|---|---|---:|---:|---|---:|---|")
+        for mode, hold in ((m, h) for m in modes for h in holds):
+            topo.cut_mode = mode
             clients = await connect_clients(topo, 2)
             await all_keys(topo, 6)
             try:
@@ -107,7 +108,7 @@ async def regions(trials: int, rounds: int, holds: list[float]) -> None:
             after = await exchange(clients, rounds=5)
             cut = f"{part.cut_s:.1f} s"
             delivered = ", ".join(f"{k} {v}" for k, v in part.delivered_during.items())
-            out(f"| {cut} | {fmt(part.detect, 'b')} / {fmt(part.detect, 'c')} | {part.a_alive_during} "
+            out(f"| {mode} | {cut} | {fmt(part.detect, 'b')} / {fmt(part.detect, 'c')} | {part.a_alive_during} "
                 f"| {part.keys_during['a']} / {part.keys_during['b']} / {part.keys_during['c']} | {delivered} "
                 f"| {part.dropped_unknown} "
                 f"| {part.into_the_cut} of 5 | {fmt(part.heal, 'b')} / {fmt(part.heal, 'c')} | {part.a_min_keys_heal} "
@@ -151,12 +152,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5, help="key-spread trials per origin")
     parser.add_argument("--rounds", type=int, default=50, help="all-to-all delivery rounds")
     parser.add_argument("--hold", type=float, action="append", default=None,
-                        help="extra seconds a partition is held (repeatable; default 0 and 15)")
+                        help="extra seconds a partition is held (repeatable; default 0 and 20)")
+    parser.add_argument("--mode", action="append", choices=("drop", "down"), default=None,
+                        help="how to cut (repeatable; default drop and down)")
     parser.add_argument("--failover-trials", type=int, default=2)
     args = parser.parse_args()
-    holds = args.hold if args.hold is not None else [0.0, 15.0]
+    holds = args.hold if args.hold is not None else [0.0, 20.0]
+    modes = args.mode or ["drop", "down"]
     started = time.monotonic()
-    asyncio.run(regions(args.trials, args.rounds, holds))
+    asyncio.run(regions(args.trials, args.rounds, holds, modes))
     asyncio.run(failover(args.failover_trials))
     load = Path("/proc/loadavg").read_text().split()[0]
     out(f"(took {time.monotonic() - started:.0f} s; load average at the end {load})")

@@ -227,7 +227,7 @@ class Partition:
     into_the_cut: int                       # of 5 packets b>c sent right after the cut, delivered at all
     heal: dict[str, float]                  # node -> seconds from link up to all 5 peers and all keys
     a_min_keys_heal: int                    # fewest keys any worker of a held while the cut healed
-    reincarnations: dict[str, int]          # node -> reincarnations of its workers (from varz)
+    reincarnations: dict[str, int]          # node -> reincarnations of its workers in this partition
     cut_s: float = 0.0                      # how long the link was down
     dropped_unknown: int = 0                # packets b and c dropped as `unknown_dest` while the cut held
 
@@ -239,6 +239,7 @@ async def partition_b_c(topo: Topology, clients: Clients, hold: float = 0.0) -> 
         by_node[x].append(c)
     total = len(clients)
     a, b, c = (topo.nodes[x] for x in NODES)
+    reinc_before = _reincarnations(topo)
     sampler_cut = Sampler([a])
     cut_at = time.monotonic()
     topo.link("b", "c", up=False)
@@ -278,9 +279,13 @@ async def partition_b_c(topo: Topology, clients: Clients, hold: float = 0.0) -> 
     sampler.stop()
     late = await drain(by_node["c"][0], quiet=1.0)
     into_the_cut = sum(1 for p in late if p.startswith(b"cut"))
-    reinc = {n.name: sum(n.varz_of(i)["mesh"]["reincarnations"] for i in range(n.workers)) for n in (a, b, c)}
+    reinc = {x: n - reinc_before[x] for x, n in _reincarnations(topo).items()}
     return Partition(detect, a_alive, keys_during, delivered, into_the_cut, heal, sampler.min_keys("a"), reinc,
                      heal_at - cut_at, dropped)
+
+
+def _reincarnations(topo: Topology) -> dict[str, int]:
+    return {n.name: sum(n.varz_of(i)["mesh"]["reincarnations"] for i in range(n.workers)) for n in topo.nodes.values()}
 
 
 def _unknown_dest(node: NsNode) -> int:
