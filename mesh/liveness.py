@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from .transport import CurveKeys
+from .transport import CurveKeys, keep_link_fresh
 from .wire import build_control
 
 log = logging.getLogger("mesh.liveness")
@@ -139,6 +139,7 @@ class Pulser:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, PULSE_HWM)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        keep_link_fresh(sock)
         if self.curve is not None:  # the inbox is a CURVE server on every endpoint, ipc too
             sock.curve_secretkey = self.curve.secret
             sock.curve_publickey = self.curve.public
