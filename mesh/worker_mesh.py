@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,10 @@ log = logging.getLogger("mesh.worker")
 
 #: records per directory message, so a full repair never blocks the loop for long
 CHUNK = 4000
+#: how long a new connection's ServerInfo waits for the node's other live workers to acknowledge
+#: its key; past it the handshake proceeds (and is counted in publish_ack_timeouts). A live worker
+#: answers in one ipc round trip; this bound only matters for one that is dying or stalled.
+PUBLISH_ACK_TIMEOUT = 0.5
 
 
 @dataclass
@@ -47,6 +51,15 @@ class PeerState:
     alive: bool = False
     last_repair: float = 0.0
     ever_heard: bool = False
+
+
+@dataclass
+class AckWait:
+    """Connections waiting for the node's workers to merge one flush of local directory changes."""
+
+    pending: set[Owner]
+    callbacks: list[Callable[[], None]]
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -94,6 +107,10 @@ class WorkerMesh:
         self.foreign: dict[bytes, DerpMeshPeer] = {}
         self._outgoing: list[Record] = []
         self._flush_scheduled = False
+        #: connections whose keys are in _outgoing, waiting for the local workers' acknowledgements
+        self._next_waiters: list[Callable[[], None]] = []
+        self._acks: dict[int, AckWait] = {}
+        self._ack_seq = 0
         self.derp_peers: list[DerpMeshPeer] = []
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
@@ -128,6 +145,7 @@ class WorkerMesh:
         loop = asyncio.get_running_loop()
         self.transport.start(loop)
         self.relay.forwarder = self
+        self.relay.publication_barrier = self.publication_barrier
         self._task = loop.create_task(self._heartbeat_loop())
         for peer in self.derp_peers:
             peer.start()
@@ -215,11 +233,67 @@ class WorkerMesh:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_records)
 
+    def publication_barrier(self, callback: Callable[[], None]) -> None:
+        """Call back once every live worker of this node has merged the local directory changes
+        queued so far (so each of them routes to a key registered just now), or after
+        PUBLISH_ACK_TIMEOUT. Costs the handshake one ipc round trip and the hot path nothing."""
+        if self._flush_scheduled:
+            self._next_waiters.append(callback)
+        else:
+            callback()  # nothing waiting to go out (no peers, or no change to publish)
+
+    def _local_live_peers(self) -> set[Owner]:
+        node = self.owner.node
+        return {owner for owner, peer in self.peers.items() if peer.alive and owner.node == node}
+
     def _flush_records(self) -> None:
         self._flush_scheduled = False
         records, self._outgoing = self._outgoing, []
-        if records:
+        waiters, self._next_waiters = self._next_waiters, []
+        if not records:
+            for callback in waiters:
+                callback()
+            return
+        if not waiters:
             self._broadcast_records(records)
+            return
+        self._ack_seq += 1
+        seq = self._ack_seq
+        wait = AckWait(self._local_live_peers(), waiters)
+        self._acks[seq] = wait
+        wait.pending -= self._broadcast_records(records, ack=seq, ack_peers=wait.pending)
+        if wait.pending:
+            wait.timer = asyncio.get_running_loop().call_later(PUBLISH_ACK_TIMEOUT, self._ack_expired, seq)
+        else:
+            self._ack_done(seq)
+
+    def _ack_done(self, seq: int) -> None:
+        wait = self._acks.pop(seq, None)
+        if wait is None:
+            return
+        if wait.timer is not None:
+            wait.timer.cancel()
+        for callback in wait.callbacks:
+            callback()
+
+    def _ack_expired(self, seq: int) -> None:
+        wait = self._acks.get(seq)
+        if wait is None:
+            return
+        wait.timer = None
+        self.relay.stats.publish_ack_timeouts += len(wait.callbacks)
+        log.info("mesh: no acknowledgement from %s within %.1fs; sending ServerInfo to %d client(s) anyway",
+                 ", ".join(f"{o.node}/{o.worker}" for o in sorted(wait.pending)), PUBLISH_ACK_TIMEOUT,
+                 len(wait.callbacks))
+        self._ack_done(seq)
+
+    def _on_ack(self, sender: Owner, seq: int) -> None:
+        wait = self._acks.get(seq)
+        if wait is None:
+            return
+        wait.pending.discard(sender)
+        if not wait.pending:
+            self._ack_done(seq)
 
     # -- directory changes -> relay -----------------------------------------------------------------
 
@@ -236,11 +310,25 @@ class WorkerMesh:
         if corrections:
             self._broadcast_records(corrections)
 
-    def _broadcast_records(self, records: list[Record]) -> None:
+    def _broadcast_records(self, records: list[Record], *, ack: int = 0,
+                           ack_peers: set[Owner] | frozenset[Owner] = frozenset()) -> set[Owner]:
+        """Send records to every member. With ack, the last chunk asks ack_peers to acknowledge
+        (ipc is ordered, so its ack covers the earlier chunks); returns the ack_peers it could not
+        reach (their queue is full), which then need not be waited for."""
+        unreachable: set[Owner] = set()
+        last = (len(records) - 1) // CHUNK * CHUNK
         for start in range(0, len(records), CHUNK):
-            message = wire.build_control(wire.DIR_DELTA, self._envelope(
-                entries=encode_entries(records[start : start + CHUNK])))
-            self.transport.broadcast_control(message)
+            entries = encode_entries(records[start : start + CHUNK])
+            message = wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries))
+            if not ack or start != last:
+                self.transport.broadcast_control(message)
+                continue
+            asking = wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries, ack=ack))
+            for peer in list(self.transport.peers):
+                wanted = peer in ack_peers
+                if not self.transport.send_control(peer, asking if wanted else message) and wanted:
+                    unreachable.add(peer)  # type: ignore[arg-type]
+        return unreachable
 
     def _envelope(self, **body: Any) -> dict[str, Any]:
         return {"node": self.owner.node, "worker": self.owner.worker, "inc": self.incarnation, **body}
@@ -268,6 +356,12 @@ class WorkerMesh:
             elif kind == wire.DIR_DELTA:
                 self._note_alive(sender, incarnation)
                 self._merge(wire.field(body, "entries", bytes))
+                ack = body.get("ack")
+                if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
+                    # merged: the sender's new keys are routable here, so it may send ServerInfo
+                    self.transport.send_control(sender, wire.build_control(wire.DIR_ACK, self._envelope(ack=ack)))
+            elif kind == wire.DIR_ACK:
+                self._on_ack(sender, wire.field(body, "ack", int))
             elif kind == wire.REPAIR:
                 self._note_alive(sender, incarnation)
                 self._merge(wire.field(body, "entries", bytes))
