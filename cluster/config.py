@@ -167,6 +167,11 @@ SETTINGS: tuple[Setting, ...] = (
             "DERP_MAX_CLIENTS", "--max-clients"),
     Setting("limits.handshake_timeout", _float, 10.0, "seconds for each handshake step",
             "DERP_HANDSHAKE_TIMEOUT", "--handshake-timeout"),
+    # relay write deadline (derper's --tcp-write-timeout): a client whose connection has held
+    # unflushed bytes this long is dropped; mesh peers get 30 s, as in derper
+    Setting("limits.tcp_write_timeout", _float, 2.0,
+            "seconds a client may leave written bytes unflushed before it is dropped (0 = never)",
+            "DERP_TCP_WRITE_TIMEOUT", "--tcp-write-timeout"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",

@@ -56,6 +56,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         server_key,
         mesh_key=read_mesh_key(config.mesh_key_file),
         handshake_timeout=config.limits_handshake_timeout,
+        write_timeout=config.limits_tcp_write_timeout,
         token_bucket_rate=config.limits_bytes_per_second,
         token_bucket_burst=config.limits_bytes_burst or config.limits_bytes_per_second,
         max_clients=config.limits_max_clients,

@@ -1,9 +1,14 @@
 """One DERP client connection on the server: a raw asyncio Protocol over the upgraded socket.
 
 The hot path is `data_received` -> SendPacket -> `Relay.clients.get(dst)` -> `deliver`, which
-does one dict lookup and one `transport.write` per relayed packet. Frames queue only while the
-receiving transport's buffer is over its high-water mark (asyncio's pause_writing); that queue is
-bounded and drops its oldest packet, so a slow reader never blocks anyone else.
+does one dict lookup and one `transport.write` per relayed packet. The transport's high-water mark
+is 0: as soon as a write leaves bytes the kernel did not take, asyncio calls pause_writing and
+frames queue here until the transport has flushed everything (derper's one write in flight per
+client). Data packets go to two bounded queues (disco and other, 32 each, drop oldest, as derper's
+sendPkt); control frames (PeerPresent, PeerGone, KeepAlive, Pong) go to a queue of their own that
+is never trimmed. What bounds memory is the write deadline: a connection whose transport has held
+unflushed bytes for longer than 2 s (30 s for mesh peers) is dropped by `Relay.sweep`, so every
+write carries derper's deadline, not only big backlogs.
 """
 
 from __future__ import annotations
@@ -27,19 +32,24 @@ log = logging.getLogger("relay_worker.conn")
 
 _RECV_HEADER = struct.Struct(">BI")
 _recv_header = _RECV_HEADER.pack
+#: pause as soon as anything is left unflushed, resume once all of it is (derper: one write in flight)
+WRITE_HIGH_WATER = 0
+WRITE_LOW_WATER = 0
+#: the buffer limits of transports that do their own buffering (WebSocket), unchanged
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 # derper: PeerGone(not here) at 1/s sustained with a burst of 3 per client
 DISCO_PEER_GONE_PER_SEC = 1.0
 DISCO_PEER_GONE_BURST = 3.0
 
-HANDSHAKE, ADMITTING, ACTIVE, CLOSED = range(4)
+HANDSHAKE, ADMITTING, PUBLISHING, ACTIVE, CLOSED = range(5)
 
 
 class DerpServerConn(asyncio.Protocol):
     __slots__ = (
         "_pending_frames",
         "box",
+        "control",
         "disco_queue",
         "epoch",
         "has_dup",
@@ -55,6 +65,7 @@ class DerpServerConn(asyncio.Protocol):
         "peer",
         "peer_gone_stamp",
         "peer_gone_tokens",
+        "pong_queued",
         "preamble",
         "preferred",
         "queue",
@@ -91,6 +102,9 @@ class DerpServerConn(asyncio.Protocol):
         self.paused_since = 0.0
         self.queue: deque[bytes] | None = None
         self.disco_queue: deque[bytes] | None = None
+        #: control frames held while the transport is paused or ServerInfo is not yet out: never dropped
+        self.control: list[bytes] | None = None
+        self.pong_queued = False
         self.timer: asyncio.TimerHandle | None = None
         self.peer_gone_tokens = DISCO_PEER_GONE_BURST
         self.read_limit: Any = None  # the client's relayed-bytes token bucket (ratelimit.py)
@@ -104,7 +118,7 @@ class DerpServerConn(asyncio.Protocol):
         if self.peer is None:
             self.peer = transport.get_extra_info("peername")
         with contextlib.suppress(AttributeError, NotImplementedError):
-            transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.relay.connection_opened(self)
         transport.write(self.preamble + self.relay.server_key_frame if self.preamble else self.relay.server_key_frame)
         self.preamble = b""
@@ -138,24 +152,45 @@ class DerpServerConn(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        self.paused_since = time.monotonic()
+        # the write deadline runs from the first unflushed byte (the hold before ServerInfo may
+        # already have set paused_since; keep the older stamp)
+        if not self.paused_since:
+            self.paused_since = time.monotonic()
         self.relay.paused.add(self)
 
     def resume_writing(self) -> None:
-        self.paused_since = 0.0
         self.relay.paused.discard(self)
+        if self.state == ACTIVE:
+            self._flush_held()
+        # before ServerInfo nothing may be written: _published flushes once it is out
+
+    def _flush_held(self) -> None:
+        """The transport has flushed everything: write what was held, in one write. Control frames
+        first (derper's sendLoop serves them alongside packets, and they are what steers clients),
+        then disco, then other packets. If the kernel does not take it all, asyncio calls
+        pause_writing again from inside this write and the deadline starts over."""
+        self.paused_since = 0.0
         transport = self.transport
         if transport is None:
             return
-        # Flush what queued while paused; disco first, since it is small and steers path discovery.
+        parts: list[bytes] = []
         stats = self.relay.stats
+        control = self.control
+        if control:
+            parts += control
+            self.control = None
+            if self.pong_queued:
+                self.pong_queued = False
+                stats.sent_pong += 1
         for queue in (self.disco_queue, self.queue):
             if queue:
-                data = b"".join(queue)
-                transport.write(data)
+                size = sum(map(len, queue))
                 stats.packets_sent += len(queue)
-                stats.bytes_sent += len(data) - 37 * len(queue)
+                stats.bytes_sent += size - 37 * len(queue)
+                parts += queue
                 queue.clear()
+        if parts:
+            transport.write(b"".join(parts))
 
     # -- handshake ----------------------------------------------------------------------------------
 
@@ -164,7 +199,7 @@ class DerpServerConn(asyncio.Protocol):
             if self.state == ACTIVE:
                 self._handle_frames(frames[index:])
                 return
-            if self.state == ADMITTING:
+            if self.state in (ADMITTING, PUBLISHING):
                 assert self._pending_frames is not None
                 self._pending_frames.extend(frames[index:])
                 return
@@ -201,6 +236,8 @@ class DerpServerConn(asyncio.Protocol):
             self._admitted(True, "")
             return
         self.state = ADMITTING
+        # derper's 10 s deadline bounds the handshake's I/O only; admission has its own timeouts
+        self._cancel_timer()
         self._pending_frames = []
         if self.transport is not None:
             self.transport.pause_reading()
@@ -215,29 +252,49 @@ class DerpServerConn(asyncio.Protocol):
             relay.stats.refused_clients += 1
             self.close_with(f"refused: {reason}", level=logging.WARNING)
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        server_info = ServerInfo(
-            token_bucket_bytes_per_second=0 if self.is_mesh else relay.token_bucket_rate,
-            token_bucket_bytes_burst=0 if self.is_mesh else relay.token_bucket_burst,
-        )
-        self.transport.write(relay.handshake.seal_server_info(self.box, server_info))
-        self.box = None
+        self._cancel_timer()
+        # Register first (as derper does), so the key is reachable before the client hears it is
+        # connected; hold the client's output (paused_since) and input (_pending_frames) until
+        # ServerInfo is out, because ServerInfo must be the first frame after ServerKey.
+        self.state = PUBLISHING
         self.parser.max_frame_len = F.MAX_FRAME_LEN
-        self.state = ACTIVE
+        if self._pending_frames is None:
+            self._pending_frames = []
+            self.transport.pause_reading()
+        if not self.paused_since:
+            self.paused_since = time.monotonic()
         relay.register(self)
+        # ServerInfo goes out once every live worker of this node can route to the key (one ipc
+        # round trip, bounded): the first packet anyone sends after it is delivered.
+        relay.await_published(self._published)
+
+    def _published(self) -> None:
+        if self.state != PUBLISHING or self.transport is None:
+            return
+        relay = self.relay
+        # derper sends ServerInfo{Version: 2} only: advertising a token bucket makes Go clients
+        # drop their own packets (derp_client.go setSendRateLimiter); pacing stays server-side
+        self.transport.write(relay.handshake.seal_server_info(self.box, ServerInfo()))
+        self.box = None
+        self.state = ACTIVE
+        if self not in relay.paused:
+            self._flush_held()  # else resume_writing does, once ServerInfo itself has gone out
         log.debug("client %s connected from %s (mesh=%s)", PublicKey(self.key).short(), self.peer, self.is_mesh)
         pending, self._pending_frames = self._pending_frames, None
-        if pending is None:
-            return  # admitted synchronously: reading was never paused
+        if self.state != ACTIVE:
+            return
         self.transport.resume_reading()
         if pending:
             self._handle_frames(pending)
 
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _handshake_expired(self) -> None:
         self.timer = None
-        if self.state in (HANDSHAKE, ADMITTING):
+        if self.state == HANDSHAKE:
             self.relay.stats.handshake_timeouts += 1
             self.close_with("handshake timed out")
 
@@ -347,7 +404,12 @@ class DerpServerConn(asyncio.Protocol):
         stats = self.relay.stats
         stats.got_ping += 1
         if self.paused_since:
-            return  # pinging faster than we can answer: ignore, as derper does
+            # derper's sendPongCh holds one pong: while one waits, further pings are ignored
+            if self.pong_queued:
+                return
+            self.pong_queued = True  # counted in sent_pong when it is written (_flush_held)
+            self._hold_control(F.build_pong(data))
+            return
         self.transport.write(F.build_pong(data))
         stats.sent_pong += 1
 
@@ -391,10 +453,7 @@ class DerpServerConn(asyncio.Protocol):
                 queue = self.queue
                 if queue is None:
                     queue = self.queue = deque()
-            if len(queue) >= self.relay.queue_limit:
-                queue.popleft()
-                stats.drop("queue_head")
-            queue.append(frame)
+            enqueue_packet(queue, frame, self.relay.queue_limit, stats)
             return
         transport = self.transport
         if transport is None:
@@ -409,15 +468,25 @@ class DerpServerConn(asyncio.Protocol):
         self.deliver_frame(frame, frame[5:])
 
     def send_frame(self, frame: bytes, *, force: bool = False) -> None:
-        """Control frames: written unless the client is over its buffer limit (then dropped)."""
+        """Control frames: written now, or held (never dropped) while the transport is paused."""
         transport = self.transport
         if transport is None:
             return
         if not force and self.paused_since:
+            self._hold_control(frame)
             return
         transport.write(frame)
 
+    def _hold_control(self, frame: bytes) -> None:
+        control = self.control
+        if control is None:
+            self.control = [frame]
+        else:
+            control.append(frame)
+
     def send_keepalive(self) -> None:
+        if self.paused_since:
+            return  # frames are already waiting to go out; derper's keepalive ticker also skips
         self.send_frame(F.KEEP_ALIVE_FRAME)
 
     def peer_present_frame(self) -> bytes:
@@ -464,6 +533,7 @@ class DerpServerConn(asyncio.Protocol):
         if queued:
             self.relay.stats.drop(reason, queued)
         self.queue = self.disco_queue = None
+        self.control = None
 
     def abort_with(self, why: str) -> None:
         log.info("dropping %s from %s: %s", PublicKey(self.key).short() if self.key else "?", self.peer, why)
@@ -475,3 +545,17 @@ class DerpServerConn(asyncio.Protocol):
                 self.relay.unregister(self)
         if transport is not None:
             transport.abort()
+
+
+def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any) -> None:
+    """derper's sendPkt: up to 3 tries to append, dropping the head (queue_head) each time the queue
+    is full; if it is still full, the new packet is dropped (queue_tail). With one thread per worker
+    the first head drop always makes room, so queue_tail is counted only if limit is 0."""
+    for _ in range(3):
+        if len(queue) < limit:
+            queue.append(frame)
+            return
+        if queue:
+            queue.popleft()
+            stats.drop("queue_head")
+    stats.drop("queue_tail")

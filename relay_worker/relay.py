@@ -94,6 +94,9 @@ class Relay:
         self.next_epoch = 1
         self.forwarder: Forwarder | None = None
         self.admission: Callable[..., object] | None = None
+        #: how a new connection waits, before ServerInfo, until every worker of the node can route
+        #: to it (set by `mesh`: calls back once the others acknowledged this loop's publications)
+        self.publication_barrier: Callable[[Callable[[], None]], None] | None = None
         self.draining = False
         self.on_change: list[Callable[[], None]] = []
 
@@ -164,9 +167,8 @@ class Relay:
         previous = self.active.get(key)
         self.active[key] = conn
         if previous is not conn:
-            if previous is not None and previous.registered:
-                previous.send_frame(F.build_health("another connection with this node key is active"))
-                conn.send_frame(F.build_health(""))
+            # no Health frame to either side: derper never sends one, and tailscaled would show it
+            # as a DERP health warning that flaps with every switch
             self._announce_present(conn)
         if self.forwarder is not None:
             self.forwarder.local_active_changed(key, conn.epoch, conn.preferred, True)
@@ -180,6 +182,14 @@ class Relay:
             self.clients[key] = conn
         else:
             self.clients.pop(key, None)
+
+    def await_published(self, callback: Callable[[], None]) -> None:
+        """Call back once the node's other workers can route to what was just registered."""
+        barrier = self.publication_barrier
+        if barrier is None:
+            callback()
+        else:
+            barrier(callback)
 
     def note_send_from_dup(self, conn: DerpServerConn) -> None:
         """Last writer wins among duplicate connections, unless another one said it is home."""
@@ -325,15 +335,18 @@ class Relay:
     # -- periodic work ------------------------------------------------------------------------------
 
     def sweep(self, now: float | None = None) -> None:
-        """Once a second: keepalives for 1/60 of clients; drop clients stuck past the write timeout."""
+        """Once a second: keepalives for 1/60 of clients; drop clients whose transport has held
+        unflushed bytes for longer than the write timeout."""
         now = time.monotonic() if now is None else now
         slot = self.keepalive_slots[self._sweep_index]
         self._sweep_index = (self._sweep_index + 1) % KEEPALIVE_SLOTS
         for conn in tuple(slot):
             conn.send_keepalive()
         for conn in tuple(self.paused):
+            # paused means the transport holds bytes the kernel has not taken: derper's per-write
+            # deadline (0 disables it for clients, as derper's --tcp-write-timeout 0 does)
             limit = self.mesh_write_timeout if conn.is_mesh else self.write_timeout
-            if now - conn.paused_since > limit:
+            if limit and now - conn.paused_since > limit:
                 self.stats.write_timeouts += 1
                 conn.abort_with(f"write timeout ({limit:.0f}s without the client reading)")
 

@@ -1,0 +1,224 @@
+"""Relay behaviour that must match Tailscale's derper (docs/WIRE-NOTES.md, the differences list).
+
+Real `cluster up` processes on loopback, real sockets. Readers that stall are plain sockets with
+a small receive buffer, so the test decides exactly when the server sees a paused reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from mesh import wire
+from mesh.directory import Entry, Owner, encode_entries
+from mesh.hlc import pack
+from relay_worker import frames as F
+from relay_worker.client import DerpClient
+from relay_worker.handshake import ClientInfo, seal_client_info
+from relay_worker.keys import PrivateKey
+from tests.support import ClusterProcess, await_until, free_port_range
+
+pytestmark = pytest.mark.slow
+
+MESH_KEY = "5e" * 32
+
+
+@pytest.fixture
+def mesh_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mesh.key"
+    path.write_text(MESH_KEY + "\n")
+    return path
+
+
+class RawConn:
+    """A handshaken DERP connection on a plain non-blocking socket that reads only when told to."""
+
+    def __init__(self, sock: socket.socket, parser: F.FrameParser, frames: list[tuple[int, bytes]]) -> None:
+        self.sock = sock
+        self.parser = parser
+        self.frames = frames
+
+    @classmethod
+    async def open(cls, port: int, *, key: PrivateKey | None = None, mesh_key: str = "",
+                   rcvbuf: int = 4096) -> RawConn:
+        loop = asyncio.get_running_loop()
+        key = key or PrivateKey.generate()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+                                      b"Derp-Fast-Start: 1\r\n\r\n")
+        parser = F.FrameParser(F.MAX_INFO_LEN)
+        frames: list[tuple[int, bytes]] = []
+        while not frames:
+            frames += parser.feed(await loop.sock_recv(sock, 4096))
+        assert frames[0][0] == F.SERVER_KEY
+        server_public = F.parse_server_key(frames.pop(0)[1])
+        await loop.sock_sendall(sock, seal_client_info(key, server_public, ClientInfo(mesh_key=mesh_key)))
+        while not frames:
+            data = await loop.sock_recv(sock, 4096)
+            assert data, "server closed during the handshake"
+            frames += parser.feed(data)
+        assert frames.pop(0)[0] == F.SERVER_INFO
+        parser.max_frame_len = F.MAX_FRAME_LEN
+        conn = cls(sock, parser, frames)
+        conn.public = key.public().raw
+        return conn
+
+    public: bytes = b""
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def read_until(self, done: object, timeout: float) -> list[tuple[int, bytes]]:
+        """Read frames until done(frames) is true, the server closes, or timeout passes."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while not done(self.frames) and time.monotonic() < deadline:  # type: ignore[operator]
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), deadline - time.monotonic())
+            except (TimeoutError, OSError):
+                break
+            if not data:
+                break
+            self.frames += self.parser.feed(data)
+        return self.frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_send_queue(server_port: int, client: socket.socket) -> int | None:
+    """Bytes the kernel holds unacknowledged on the server's socket to this client (/proc/net/tcp)."""
+    peer_port = client.getsockname()[1]
+    want_local, want_remote = f"0100007F:{server_port:04X}", f"0100007F:{peer_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want_local and fields[2] == want_remote:
+            return int(fields[4].split(":")[0], 16)
+    return None
+
+
+async def fill_kernel_buffers(node: ClusterProcess, sender: DerpClient, receiver: RawConn) -> None:
+    """Relay packets to a receiver that does not read until the server's kernel send buffer stops
+    growing (on loopback it autotunes to megabytes): from then on every further byte stays in the
+    worker's userspace transport. Each step waits until the worker has read what it was sent."""
+    step, packet = 32, os.urandom(1200)
+    previous = -1
+    while True:
+        target = node.varz()["worker"]["packets_received"] + step
+        for _ in range(step):
+            sender.send_nowait(receiver.public, packet)
+        await sender.flush()
+        await await_until(lambda t=target: node.varz()["worker"]["packets_received"] >= t, timeout=10,
+                          what="the worker to read the step")
+        queued = server_send_queue(node.port, receiver.sock)
+        assert queued is not None, "the receiver's server-side socket is not in /proc/net/tcp"
+        if queued - previous < step * 1200 // 2:
+            return  # the kernel took less than half of the step: it is full
+        previous = queued
+
+
+def ghost_delta(keys: list[bytes], start: int) -> bytes:
+    """A DIR_DELTA in the name of a member of another node, as worker_mesh sends them."""
+    owner = Owner("ghost", 0)
+    now = pack(int(time.time() * 1000))
+    records = [(key, Entry(owner, 1, start + i + 1, now, False, True)) for i, key in enumerate(keys)]
+    return wire.build_control(wire.DIR_DELTA, {"node": "ghost", "worker": 0, "inc": 1,
+                                               "entries": encode_entries(records)})
+
+
+# -- B1: control frames are never dropped for a write-paused reader -------------------------------
+
+
+async def test_watch_conns_dump_is_complete_for_100000_keys(mesh_key_file: Path) -> None:
+    # 100,000 keys: the dump (5.6 MB) is larger than what the kernel buffers on loopback (the send
+    # buffer autotunes to 4 MB there); the parity page's 20,000 already broke over a socketpair
+    mesh_port = free_port_range(1)
+    keys = [os.urandom(32) for _ in range(100_000)]
+    args = ["--mesh-key-file", str(mesh_key_file), "--node-name", "n", "--mesh-listen", f"127.0.0.1:{mesh_port}"]
+    with ClusterProcess(*args, workers=1) as node:
+        context = zmq.Context()
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(f"tcp://127.0.0.1:{mesh_port}")
+        try:
+            for start in range(0, len(keys), 4000):
+                push.send(ghost_delta(keys[start : start + 4000], start))
+            await await_until(lambda: node.varz()["directory"]["size"] == len(keys), timeout=30,
+                              what="the directory to hold the injected keys")
+        finally:
+            push.close()
+            context.term()
+        # a mesh watcher with a 4 KiB receive buffer: the server pauses a few frames into the dump
+        watcher = await RawConn.open(node.port, mesh_key=MESH_KEY)
+        try:
+            await watcher.send(F.build_frame(F.WATCH_CONNS, b""))
+
+            def complete(frames: list[tuple[int, bytes]]) -> bool:
+                return sum(1 for t, _ in frames if t == F.PEER_PRESENT) >= len(keys)
+
+            frames = await watcher.read_until(complete, timeout=60)
+            present = {bytes(p[:32]) for t, p in frames if t == F.PEER_PRESENT}
+            assert present >= set(keys), f"{len(set(keys) - present)} of {len(keys)} keys missing from the dump"
+        finally:
+            watcher.close()
+
+
+async def test_peer_gone_reaches_a_reader_that_was_write_paused() -> None:
+    # a long write deadline: the reader starts reading after the test's own waits, whatever they take
+    with ClusterProcess("--tcp-write-timeout", "60", workers=1) as node:
+        receiver = await RawConn.open(node.port)
+        sender = await DerpClient.connect(node.url)
+        try:
+            # past the kernel buffers: the server pauses the receiver and drops the oldest data
+            # packets (queue_head); then the sender leaves
+            await fill_kernel_buffers(node, sender, receiver)
+            for _ in range(200):
+                sender.send_nowait(receiver.public, os.urandom(1200))
+            await sender.flush()
+            await await_until(lambda: node.varz()["worker"]["drops"]["queue_head"] > 0, timeout=10,
+                              what="the receiver's queue to overflow (it is write-paused)")
+            gone_key = sender.public_key
+            await sender.close()
+            await await_until(lambda: node.varz()["worker"]["current_connections"] == 1, timeout=10,
+                              what="the sender to be unregistered")
+
+            def got_gone(frames: list[tuple[int, bytes]]) -> bool:
+                return any(t == F.PEER_GONE and bytes(p[:32]) == gone_key for t, p in frames)
+
+            frames = await receiver.read_until(got_gone, timeout=10)
+            assert got_gone(frames), "PeerGone for the departed sender was dropped while the reader was paused"
+            assert F.parse_peer_gone(next(p for t, p in frames if t == F.PEER_GONE))[1] == F.PEER_GONE_DISCONNECTED
+        finally:
+            receiver.close()
+
+
+# -- D2: every write carries the write deadline -----------------------------------------------------
+
+
+async def test_a_client_that_stops_reading_light_traffic_is_dropped_after_the_write_timeout() -> None:
+    with ClusterProcess("--tcp-write-timeout", "1", workers=1) as node:
+        receiver = await RawConn.open(node.port)
+        sender = await DerpClient.connect(node.url)
+        try:
+            # fill the kernel buffers, then leave 24 KB in the worker's transport: far less than the
+            # 256 KiB that had to pile up in userspace before the old write timeout applied
+            await fill_kernel_buffers(node, sender, receiver)
+            for _ in range(20):
+                sender.send_nowait(receiver.public, os.urandom(1200))
+            await sender.flush()
+            await await_until(lambda: node.varz()["worker"]["write_timeouts"] == 1, timeout=20,
+                              what="the server to drop the reader that left bytes unflushed past 1 s")
+            await await_until(lambda: node.varz()["worker"]["current_connections"] == 1, timeout=10,
+                              what="the dropped reader to be unregistered")
+        finally:
+            receiver.close()
+            await sender.close()
