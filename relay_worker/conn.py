@@ -363,8 +363,10 @@ class DerpServerConn(asyncio.Protocol):
             except F.ProtocolError as exc:
                 self._protocol_error(str(exc))
                 return
-            stats.packets_received += 1
-            relay.deliver_forwarded(dst, src, packet, from_derp_mesh=True)
+            # counted in packets_forwarded_in only, as derper does (not in packets_received)
+            if not relay.deliver_forwarded(dst, src, packet, from_derp_mesh=True):
+                # derper answers the forwarding mesh peer, so it drops its stale forwarder
+                self._not_here(dst, packet)
         elif frame_type == F.WATCH_CONNS:
             if not self._require_mesh("WatchConns"):
                 return
@@ -382,16 +384,18 @@ class DerpServerConn(asyncio.Protocol):
 
     def _unknown_destination(self, dst: bytes, payload: bytes) -> None:
         self.relay.stats.drop("unknown_dest")
-        if not F.looks_like_disco(payload[32:]):
+        self._not_here(dst, payload[32:])
+
+    def _not_here(self, dst: bytes, packet: bytes) -> None:
+        """derper's requestPeerGoneWriteLimited: PeerGone(NotHere) for disco packets only, at most
+        1/s with a burst of 3 per connection."""
+        if not F.looks_like_disco(packet):
             return
         now = time.monotonic()
-        refill = (now - self.peer_gone_stamp) * DISCO_PEER_GONE_PER_SEC
-        tokens = min(DISCO_PEER_GONE_BURST, self.peer_gone_tokens + refill)
+        allowed, self.peer_gone_tokens = take_token(self.peer_gone_tokens, self.peer_gone_stamp, now)
         self.peer_gone_stamp = now
-        if tokens < 1.0:
-            self.peer_gone_tokens = tokens
+        if not allowed:
             return
-        self.peer_gone_tokens = tokens - 1.0
         self.relay.stats.peer_gone_not_here_frames += 1
         self.send_frame(F.build_peer_gone(dst, F.PEER_GONE_NOT_HERE))
 
@@ -559,3 +563,12 @@ def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any) ->
             queue.popleft()
             stats.drop("queue_head")
     stats.drop("queue_tail")
+
+
+def take_token(tokens: float, stamp: float, now: float, *, rate: float = DISCO_PEER_GONE_PER_SEC,
+               burst: float = DISCO_PEER_GONE_BURST) -> tuple[bool, float]:
+    """A token bucket step: (allowed, tokens left) for a bucket last updated at stamp."""
+    tokens = min(burst, tokens + (now - stamp) * rate)
+    if tokens < 1.0:
+        return False, tokens
+    return True, tokens - 1.0

@@ -318,7 +318,7 @@ class Relay:
                 conn.deliver_parts(parts)
         return count
 
-    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> None:
+    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> bool:
         """A packet another worker or node sent us for a key it believes is here.
 
         A stock derper (Tailscale's mesh) sees our whole node as one server, so what it forwards
@@ -326,11 +326,12 @@ class Relay:
         from our own mesh are never forwarded again, so nothing can loop."""
         self.stats.packets_forwarded_in += 1
         if self.deliver(dst, src, packet):
-            return
+            return True
         if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(dst, src, packet):
             self.stats.packets_forwarded_out += 1
-            return
+            return True
         self.stats.drop("unknown_dest_on_fwd")
+        return False
 
     # -- periodic work ------------------------------------------------------------------------------
 
