@@ -260,3 +260,24 @@ def test_not_here_bucket_is_derpers_burst_3_at_1_per_second() -> None:
         stamp = now
         allowed.append(ok)
     assert allowed == [True, True, True, False, True, False]
+
+
+# -- D15: the handshake timer bounds the handshake's I/O, not admission ----------------------------
+
+
+async def test_admission_slower_than_the_handshake_timeout_still_admits() -> None:
+    from tests.test_admission import FakeVerifyURL
+
+    slow_key = PrivateKey.generate()
+    verifier = await FakeVerifyURL(answers={slow_key.public().raw: (200, b'{"Allow":true}', 1.5)}).start()
+    try:
+        with ClusterProcess("--verify-client-url", verifier.url, "--handshake-timeout", "0.5",
+                            "--admission-timeout", "10", workers=1) as node:
+            client = await DerpClient.connect(node.url, slow_key, timeout=20)
+            try:
+                assert client.server_info is not None
+                assert node.varz()["worker"]["handshake_timeouts"] == 0
+            finally:
+                await client.close()
+    finally:
+        await verifier.close()
