@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -281,3 +282,33 @@ async def test_admission_slower_than_the_handshake_timeout_still_admits() -> Non
                 await client.close()
     finally:
         await verifier.close()
+
+
+# -- D8: our mesh client to a derper reads with a deadline and reconnects --------------------------
+
+
+async def test_mesh_client_to_a_silent_derper_reconnects_after_its_read_deadline(mesh_key_file: Path) -> None:
+    from mesh.derp_peering import DerpMeshPeer
+
+    # one of our nodes stands in for the derper; SIGSTOP makes the path half-open (TCP up, silence)
+    with ClusterProcess("--mesh-key-file", str(mesh_key_file), workers=1) as derper:
+        present: set[bytes] = set()
+        peer = DerpMeshPeer(derper.url, MESH_KEY, PrivateKey.generate(), read_timeout=2.0,
+                            on_present=lambda key, _: present.add(key), on_gone=lambda key, _: present.discard(key))
+        peer.start()
+        client = await DerpClient.connect(derper.url)
+        pid = derper.worker_pids()[0]
+        try:
+            await await_until(lambda: client.public_key in present, timeout=10, what="the derper's client to be known")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # the read deadline ends the connection, and the derper's keys are forgotten
+                await await_until(lambda: not peer.connected and client.public_key not in present, timeout=20,
+                                  what="the mesh client to give up on the silent derper")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await await_until(lambda: peer.connected and client.public_key in present, timeout=60,
+                              what="the mesh client to reconnect and relearn the derper's clients")
+        finally:
+            await client.close()
+            await peer.close()
