@@ -73,8 +73,9 @@ class DerpMeshPeer:
         backoff = 0.5
         while True:
             try:
+                # derper's own mesh client never calls SetCanAckPings: CanAckPings false
                 self.client = await DerpClient.connect(self.url, self.private_key, mesh_key=self.mesh_key,
-                                                       timeout=10)
+                                                       can_ack_pings=False, timeout=10)
                 self.connects += 1
                 await self.client.watch_conns()
                 self.connected = True

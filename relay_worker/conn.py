@@ -57,6 +57,7 @@ class DerpServerConn(asyncio.Protocol):
         "info",
         "is_mesh",
         "is_prober",
+        "keepalive_period",
         "keepalive_slot",
         "key",
         "last_active",
@@ -98,7 +99,8 @@ class DerpServerConn(asyncio.Protocol):
         self.is_prober = False
         self.has_dup = False
         self.keepalive_slot = -1
-        self.last_active = time.monotonic()
+        self.keepalive_period = 0
+        self.last_active = 0.0  # when this connection last sent a frame (tracked while it has a dup)
         self.paused_since = 0.0
         self.queue: deque[bytes] | None = None
         self.disco_queue: deque[bytes] | None = None
@@ -131,6 +133,8 @@ class DerpServerConn(asyncio.Protocol):
             self._protocol_error(str(exc))
             return
         if self.state == ACTIVE:
+            if self.has_dup and frames:
+                self.relay.note_activity(self, time.monotonic())
             self._handle_frames(frames)
         else:
             self._handle_handshake_frames(frames)
@@ -258,6 +262,7 @@ class DerpServerConn(asyncio.Protocol):
         # ServerInfo is out, because ServerInfo must be the first frame after ServerKey.
         self.state = PUBLISHING
         self.parser.max_frame_len = F.MAX_FRAME_LEN
+        self.parser.oversize_fatal = F.SERVER_HANDLED_TYPES  # bigger frames of other types are skipped
         if self._pending_frames is None:
             self._pending_frames = []
             self.transport.pause_reading()
@@ -317,8 +322,6 @@ class DerpServerConn(asyncio.Protocol):
                         return
                     received += 1
                     received_bytes += size - 32
-                    if self.has_dup:
-                        relay.note_send_from_dup(self)
                     dst = bytes(payload[:32])
                     target = clients.get(dst)
                     if target is not None:
@@ -352,7 +355,10 @@ class DerpServerConn(asyncio.Protocol):
         if frame_type == F.PING:
             self._ping(payload)
         elif frame_type == F.NOTE_PREFERRED:
-            relay.note_preferred(self, F.parse_note_preferred(payload) if payload else False)
+            if len(payload) != 1:
+                self._protocol_error(f"NotePreferred of {len(payload)} bytes")
+                return
+            relay.note_preferred(self, F.parse_note_preferred(payload))
         elif frame_type == F.PONG:
             pass  # answers to our pings; we do not send any yet
         elif frame_type == F.FORWARD_PACKET:
@@ -368,6 +374,9 @@ class DerpServerConn(asyncio.Protocol):
                 # derper answers the forwarding mesh peer, so it drops its stale forwarder
                 self._not_here(dst, packet)
         elif frame_type == F.WATCH_CONNS:
+            if payload:
+                self._protocol_error(f"WatchConns with {len(payload)} bytes of payload")
+                return
             if not self._require_mesh("WatchConns"):
                 return
             relay.add_watcher(self)
@@ -379,8 +388,10 @@ class DerpServerConn(asyncio.Protocol):
             except F.ProtocolError as exc:
                 self._protocol_error(str(exc))
                 return
+        # every other type, known or not, is skipped as derper's handleUnknownFrame does (its
+        # unknown_frames counter is never incremented; ours counts, C14)
         else:
-            stats.unknown_frames += 1  # forward compatibility: skip frames we do not know
+            stats.unknown_frames += 1
 
     def _unknown_destination(self, dst: bytes, payload: bytes) -> None:
         self.relay.stats.drop("unknown_dest")
@@ -505,12 +516,8 @@ class DerpServerConn(asyncio.Protocol):
                 port = int(self.peer[1])
             except ValueError:
                 pass
-        flags = F.PEER_PRESENT_IS_MESH_PEER if self.is_mesh else F.PEER_PRESENT_IS_REGULAR
-        if self.is_prober:
-            flags |= F.PEER_PRESENT_IS_PROBER
-        if not self.ideal_node:
-            flags |= F.PEER_PRESENT_NOT_IDEAL
-        return F.build_peer_present(self.key, ip16, port, flags)
+        return F.build_peer_present(self.key, ip16, port, present_flags(
+            is_prober=self.is_prober, is_mesh=self.is_mesh, not_ideal=not self.ideal_node and not self.websocket))
 
     # -- closing ------------------------------------------------------------------------------------
 
@@ -572,3 +579,16 @@ def take_token(tokens: float, stamp: float, now: float, *, rate: float = DISCO_P
     if tokens < 1.0:
         return False, tokens
     return True, tokens - 1.0
+
+
+def present_flags(*, is_prober: bool, is_mesh: bool, not_ideal: bool) -> int:
+    """derper's presentFlags: IsRegular only when no other bit is set. WebSocket connections are never
+    not-ideal (derper's WebSocket handler does not look at Ideal-Node)."""
+    flags = 0
+    if is_prober:
+        flags |= F.PEER_PRESENT_IS_PROBER
+    if is_mesh:
+        flags |= F.PEER_PRESENT_IS_MESH_PEER
+    if not_ideal:
+        flags |= F.PEER_PRESENT_NOT_IDEAL
+    return flags or F.PEER_PRESENT_IS_REGULAR

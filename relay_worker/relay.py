@@ -26,8 +26,12 @@ log = logging.getLogger("relay_worker.relay")
 _RECV_HEADER = struct.Struct(">BI").pack
 
 KEEPALIVE_INTERVAL = 60.0
+#: derper: each connection's keepalive ticker runs at 60 s + U[0, 5 s), fixed per connection
+KEEPALIVE_JITTER = 5
 SWEEP_INTERVAL = 1.0
-KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL)
+KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL) + KEEPALIVE_JITTER
+#: derper never sends Restarting; the client doc says TryFor should be "a few seconds" at most
+MAX_TRY_FOR_MS = 5000
 
 
 class Forwarder(Protocol):
@@ -121,7 +125,8 @@ class Relay:
         conn.epoch = self.next_epoch
         self.next_epoch += 1
         conn.registered = True
-        slot = random.randrange(KEEPALIVE_SLOTS)
+        conn.keepalive_period = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL) + random.randrange(KEEPALIVE_JITTER)
+        slot = (self._sweep_index + conn.keepalive_period) % KEEPALIVE_SLOTS
         conn.keepalive_slot = slot
         self.keepalive_slots[slot].add(conn)
         self.stats.current_connections += 1
@@ -191,14 +196,12 @@ class Relay:
         else:
             barrier(callback)
 
-    def note_send_from_dup(self, conn: DerpServerConn) -> None:
-        """Last writer wins among duplicate connections, unless another one said it is home."""
-        active = self.active.get(conn.key)
-        if active is conn:
-            return
-        if active is not None and active.preferred and not conn.preferred:
-            return
-        self._activate(conn.key, conn)
+    def note_activity(self, conn: DerpServerConn, now: float) -> None:
+        """A frame (any frame) from one of several connections of a key: derper's
+        lastWriterIsActive makes it the active one, and removal falls back to the latest speaker."""
+        conn.last_active = now
+        if self.active.get(conn.key) is not conn:
+            self._activate(conn.key, conn)
 
     def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
         if preferred != conn.preferred and conn.registered:
@@ -339,10 +342,16 @@ class Relay:
         """Once a second: keepalives for 1/60 of clients; drop clients whose transport has held
         unflushed bytes for longer than the write timeout."""
         now = time.monotonic() if now is None else now
-        slot = self.keepalive_slots[self._sweep_index]
-        self._sweep_index = (self._sweep_index + 1) % KEEPALIVE_SLOTS
-        for conn in tuple(slot):
-            conn.send_keepalive()
+        index = self._sweep_index
+        slot = self.keepalive_slots[index]
+        self._sweep_index = (index + 1) % KEEPALIVE_SLOTS
+        if slot:
+            fired, slot_set = tuple(slot), slot
+            slot_set.clear()
+            for conn in fired:
+                conn.send_keepalive()
+                conn.keepalive_slot = (index + conn.keepalive_period) % KEEPALIVE_SLOTS
+                self.keepalive_slots[conn.keepalive_slot].add(conn)
         for conn in tuple(self.paused):
             # paused means the transport holds bytes the kernel has not taken: derper's per-write
             # deadline (0 disables it for clients, as derper's --tcp-write-timeout 0 does)
@@ -351,10 +360,10 @@ class Relay:
                 self.stats.write_timeouts += 1
                 conn.abort_with(f"write timeout ({limit:.0f}s without the client reading)")
 
-    def drain(self, reconnect_in_ms: int = 1000, try_for_ms: int = 30000) -> int:
+    def drain(self, reconnect_in_ms: int = 1000, try_for_ms: int = MAX_TRY_FOR_MS) -> int:
         """Planned shutdown: send Restarting to every client, then close them all."""
         self.draining = True
-        frame = F.build_restarting(reconnect_in_ms, try_for_ms)
+        frame = F.build_restarting(reconnect_in_ms, min(try_for_ms, MAX_TRY_FOR_MS))
         count = 0
         for conn in tuple(self.connections):
             if conn.registered:
@@ -369,5 +378,5 @@ class Relay:
 
 
 def _best_of(group: list[DerpServerConn]) -> DerpServerConn:
-    """Among duplicates: preferred ones first, then the most recently active."""
-    return max(group, key=lambda c: (c.preferred, c.last_active))
+    """Among duplicates: the one that sent a frame last (derper's sendHistory), else the newest."""
+    return max(group, key=lambda c: (c.last_active, c.epoch))

@@ -20,10 +20,11 @@ from mesh import wire
 from mesh.directory import Entry, Owner, encode_entries
 from mesh.hlc import pack
 from relay_worker import frames as F
-from relay_worker.client import DerpClient, PeerGone
-from relay_worker.conn import take_token
+from relay_worker.client import DerpClient, DerpClientError, PeerGone, Pong
+from relay_worker.conn import DerpServerConn, present_flags, take_token
 from relay_worker.handshake import ClientInfo, seal_client_info
 from relay_worker.keys import PrivateKey
+from relay_worker.relay import Relay
 from tests.support import ClusterProcess, await_until, free_port_range
 
 pytestmark = pytest.mark.slow
@@ -312,3 +313,103 @@ async def test_mesh_client_to_a_silent_derper_reconnects_after_its_read_deadline
         finally:
             await client.close()
             await peer.close()
+
+
+# -- cosmetic items (parity page section C) ------------------------------------------------------
+
+
+def test_c1_peer_present_flags_are_derpers() -> None:
+    assert present_flags(is_prober=False, is_mesh=False, not_ideal=False) == F.PEER_PRESENT_IS_REGULAR
+    assert present_flags(is_prober=True, is_mesh=False, not_ideal=False) == 0x04
+    assert present_flags(is_prober=False, is_mesh=False, not_ideal=True) == 0x08
+    assert present_flags(is_prober=False, is_mesh=True, not_ideal=False) == 0x02
+
+
+async def test_c1_c3_watchers_see_a_prober_as_0x04_and_any_frame_makes_a_duplicate_active(
+        mesh_key_file: Path) -> None:
+    with ClusterProcess("--mesh-key-file", str(mesh_key_file), workers=1) as node:
+        watcher = await DerpClient.connect(node.url, mesh_key=MESH_KEY)
+        await watcher.watch_conns()
+        key = PrivateKey.generate()
+        prober = await DerpClient.connect(node.url, is_prober=True)
+        first = await DerpClient.connect(node.url, key)
+        second = await DerpClient.connect(node.url, key)  # the newest connection is active
+        sender = await DerpClient.connect(node.url)
+        try:
+            flags = None
+            while flags is None:
+                event = await watcher.recv(timeout=10)
+                if isinstance(event, F.PeerPresent) and event.key == prober.public_key:
+                    flags = event.flags
+            assert flags == F.PEER_PRESENT_IS_PROBER
+            # a Ping (not a packet) from the older connection makes it the active one (derper's
+            # noteClientActivity runs for every frame); its Pong shows the frame was handled
+            await first.ping(b"i'm here")
+            while not isinstance(await first.recv(timeout=10), Pong):
+                pass
+            await sender.send(key.public().raw, b"to the last speaker")
+            packet = await first.recv_packet(timeout=10)
+            assert packet.data == b"to the last speaker"
+        finally:
+            for c in (watcher, prober, first, second, sender):
+                await c.close()
+
+
+async def test_c4_per_type_length_rules_and_big_unknown_frames_are_skipped() -> None:
+    with ClusterProcess(workers=1) as node:
+        a = await DerpClient.connect(node.url)
+        b = await DerpClient.connect(node.url)
+        bad_pref = await DerpClient.connect(node.url)
+        bad_watch = await DerpClient.connect(node.url)
+        try:
+            # 1 MB of an unknown frame type (and of ServerInfo, which clients never send): skipped
+            await a.send_raw(F.build_frame(0x30, bytes(1 << 20)) + F.build_frame(F.SERVER_INFO, bytes(300_000)))
+            await a.send(b.public_key, b"after the big unknown frames")
+            assert (await b.recv_packet(timeout=10)).data == b"after the big unknown frames"
+            # NotePreferred must be exactly 1 byte, WatchConns empty: anything else ends the connection
+            await bad_pref.send_raw(F.build_frame(F.NOTE_PREFERRED, b"\x01\x01"))
+            await bad_watch.send_raw(F.build_frame(F.WATCH_CONNS, b"x"))
+            for closed in (bad_pref, bad_watch):
+                with pytest.raises(DerpClientError):
+                    while True:
+                        await closed.recv(timeout=10)
+        finally:
+            for c in (a, b, bad_pref, bad_watch):
+                await c.close()
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"version":2,"meshKey":""}', b'{"version":2,"meshKey":null}', b'{"version":2,"meshKey":"zz"}',
+    b'{"meshKey":" ' + b"ab" * 32 + b' "}', b'{"meshKey":"' + b"ab" * 31 + b'"}', b'{"meshKey":5}',
+    b'{"CanAckPings":"yes"}', b'{"IsProber":1}',
+])
+def test_c5_client_info_that_go_would_not_decode_is_a_protocol_error(doc: bytes) -> None:
+    with pytest.raises(F.ProtocolError):
+        ClientInfo.from_json(doc)
+
+
+def test_c5_client_info_field_names_are_case_insensitive() -> None:
+    info = ClientInfo.from_json(b'{"VERSION":2,"MeshKey":"' + b"AB" * 32 + b'","canackpings":true,"isprober":null}')
+    assert (info.version, info.mesh_key, info.can_ack_pings, info.is_prober) == (2, "ab" * 32, True, False)
+
+
+def test_c16_client_info_always_carries_can_ack_pings_in_gos_field_order() -> None:
+    assert ClientInfo().to_json() == b'{"version":2,"CanAckPings":false}'
+    assert ClientInfo(mesh_key="ab" * 32, can_ack_pings=True).to_json() == (
+        b'{"meshKey":"' + b"ab" * 32 + b'","version":2,"CanAckPings":true}')
+
+
+async def test_c15_keepalive_period_is_60s_plus_per_connection_jitter() -> None:
+    relay = Relay(PrivateKey.generate())
+    periods = set()
+    loop = asyncio.get_running_loop()
+    for _ in range(100):
+        ours, theirs = socket.socketpair()
+        transport, conn = await loop.connect_accepted_socket(lambda: DerpServerConn(relay), ours)
+        key = PrivateKey.generate()
+        conn.data_received(seal_client_info(key, relay.server_public, ClientInfo()))
+        assert conn.registered
+        periods.add(conn.keepalive_period)
+        transport.close()
+        theirs.close()
+    assert periods <= set(range(60, 65)) and len(periods) > 1, periods
