@@ -319,15 +319,18 @@ class WorkerMesh:
         last = (len(records) - 1) // CHUNK * CHUNK
         for start in range(0, len(records), CHUNK):
             entries = encode_entries(records[start : start + CHUNK])
-            message = wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries))
             if not ack or start != last:
-                self.transport.broadcast_control(message)
+                self.transport.broadcast_control(wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries)))
                 continue
             asking = wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries, ack=ack))
+            plain = b""
             for peer in list(self.transport.peers):
-                wanted = peer in ack_peers
-                if not self.transport.send_control(peer, asking if wanted else message) and wanted:
-                    unreachable.add(peer)  # type: ignore[arg-type]
+                if peer in ack_peers:
+                    if not self.transport.send_control(peer, asking):
+                        unreachable.add(peer)  # type: ignore[arg-type]
+                    continue
+                plain = plain or wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries))
+                self.transport.send_control(peer, plain)
         return unreachable
 
     def _envelope(self, **body: Any) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class DerpServerConn(asyncio.Protocol):
         "disco_queue",
         "epoch",
         "has_dup",
+        "held_at",
         "ideal_node",
         "info",
         "is_mesh",
@@ -71,6 +72,7 @@ class DerpServerConn(asyncio.Protocol):
         "preferred",
         "queue",
         "read_limit",
+        "reading_held",
         "registered",
         "relay",
         "state",
@@ -107,6 +109,8 @@ class DerpServerConn(asyncio.Protocol):
         #: control frames held while the transport is paused or ServerInfo is not yet out: never dropped
         self.control: list[bytes] | None = None
         self.pong_queued = False
+        self.held_at = 0.0
+        self.reading_held = False  # we paused reading until ServerInfo is out
         self.timer: asyncio.TimerHandle | None = None
         self.peer_gone_tokens = DISCO_PEER_GONE_BURST
         self.read_limit: Any = None  # the client's relayed-bytes token bucket (ratelimit.py)
@@ -206,6 +210,9 @@ class DerpServerConn(asyncio.Protocol):
             if self.state in (ADMITTING, PUBLISHING):
                 assert self._pending_frames is not None
                 self._pending_frames.extend(frames[index:])
+                if not self.reading_held and self.transport is not None:
+                    self.reading_held = True  # frames before ServerInfo: read no more until it is out
+                    self.transport.pause_reading()
                 return
             if self.state == CLOSED:
                 return
@@ -244,6 +251,7 @@ class DerpServerConn(asyncio.Protocol):
         self._cancel_timer()
         self._pending_frames = []
         if self.transport is not None:
+            self.reading_held = True
             self.transport.pause_reading()
         admission(self, self._admitted)
 
@@ -264,10 +272,10 @@ class DerpServerConn(asyncio.Protocol):
         self.parser.max_frame_len = F.MAX_FRAME_LEN
         self.parser.oversize_fatal = F.SERVER_HANDLED_TYPES  # bigger frames of other types are skipped
         if self._pending_frames is None:
-            self._pending_frames = []
-            self.transport.pause_reading()
+            self._pending_frames = []  # reading is paused only if frames arrive before ServerInfo
+        self.held_at = time.monotonic()
         if not self.paused_since:
-            self.paused_since = time.monotonic()
+            self.paused_since = self.held_at
         relay.register(self)
         # ServerInfo goes out once every live worker of this node can route to the key (one ipc
         # round trip, bounded): the first packet anyone sends after it is delivered.
@@ -277,6 +285,9 @@ class DerpServerConn(asyncio.Protocol):
         if self.state != PUBLISHING or self.transport is None:
             return
         relay = self.relay
+        stats = relay.stats
+        stats.publish_waits += 1
+        stats.publish_wait_seconds += time.monotonic() - self.held_at
         # derper sends ServerInfo{Version: 2} only: advertising a token bucket makes Go clients
         # drop their own packets (derp_client.go setSendRateLimiter); pacing stays server-side
         self.transport.write(relay.handshake.seal_server_info(self.box, ServerInfo()))
@@ -288,7 +299,9 @@ class DerpServerConn(asyncio.Protocol):
         pending, self._pending_frames = self._pending_frames, None
         if self.state != ACTIVE:
             return
-        self.transport.resume_reading()
+        if self.reading_held:
+            self.reading_held = False
+            self.transport.resume_reading()
         if pending:
             self._handle_frames(pending)
 
