@@ -42,6 +42,10 @@ LOW_WATER = 64 * 1024
 DISCO_PEER_GONE_PER_SEC = 1.0
 DISCO_PEER_GONE_BURST = 3.0
 
+#: Pings answered per read; the rest of a read's Pings are ignored, as derper ignores Pings while
+#: a Pong is still waiting to go out (sendPongCh holds one). Bounds the work a flood costs per read.
+PONGS_PER_READ = 4
+
 HANDSHAKE, ADMITTING, PUBLISHING, ACTIVE, CLOSED = range(5)
 
 
@@ -72,6 +76,8 @@ class DerpServerConn(asyncio.Protocol):
         "preferred",
         "queue",
         "read_limit",
+        "read_pongs",
+        "read_preferred",
         "reading_held",
         "registered",
         "relay",
@@ -110,6 +116,8 @@ class DerpServerConn(asyncio.Protocol):
         self.control: list[bytes] | None = None
         self.pong_queued = False
         self.held_at = 0.0
+        self.read_pongs = 0  # Pongs written for the current read
+        self.read_preferred: bool | None = None  # the last NotePreferred of the current read
         self.reading_held = False  # we paused reading until ServerInfo is out
         self.timer: asyncio.TimerHandle | None = None
         self.peer_gone_tokens = DISCO_PEER_GONE_BURST
@@ -360,6 +368,14 @@ class DerpServerConn(asyncio.Protocol):
             for target, parts in batches.items():
                 target.deliver_parts(parts)
                 relay.note_delivery(key, target.key)
+            if self.read_pongs:
+                self.read_pongs = 0
+            if self.read_preferred is not None:
+                # a read's NotePreferred frames cost one state change (and one directory write),
+                # however many there were: only the last one can be observed anyway
+                preferred, self.read_preferred = self.read_preferred, None
+                if self.state == ACTIVE:
+                    relay.note_preferred(self, preferred)
 
     def _handle_control(self, frame_type: int, payload: bytes) -> None:
         """Every frame but SendPacket: rare next to packets, so clarity over speed here."""
@@ -371,7 +387,7 @@ class DerpServerConn(asyncio.Protocol):
             if len(payload) != 1:
                 self._protocol_error(f"NotePreferred of {len(payload)} bytes")
                 return
-            relay.note_preferred(self, F.parse_note_preferred(payload))
+            self.read_preferred = F.parse_note_preferred(payload)  # applied once, at the end of the read
         elif frame_type == F.PONG:
             pass  # answers to our pings; we do not send any yet
         elif frame_type == F.FORWARD_PACKET:
@@ -431,6 +447,9 @@ class DerpServerConn(asyncio.Protocol):
             return
         stats = self.relay.stats
         stats.got_ping += 1
+        if self.read_pongs >= PONGS_PER_READ:
+            return  # a flood of Pings: ignored, as derper does when it cannot answer as fast
+        self.read_pongs += 1
         if self.paused_since:
             # derper's sendPongCh holds one pong: while one waits, further pings are ignored
             if self.pong_queued:
