@@ -172,6 +172,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.tcp_write_timeout", _float, 2.0,
             "seconds a client may leave written bytes unflushed before it is dropped (0 = never)",
             "DERP_TCP_WRITE_TIMEOUT", "--tcp-write-timeout"),
+    # derper's --rate-config JSON file; reloaded on SIGHUP; overrides --client-bytes-*
+    Setting("limits.rate_config", _str, "",
+            "derper's per-client rate JSON file {PerClientRateLimitBytesPerSec, PerClientRateBurstBytes}",
+            "DERP_RATE_CONFIG", "--rate-config"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",

@@ -25,7 +25,7 @@ from typing import Any
 from . import frames as F
 from .handshake import ClientInfo, ServerInfo, mesh_key_matches
 from .keys import PublicKey
-from .ratelimit import apply_read_limit, cancel_read_limit
+from .ratelimit import MIN_READ_BURST, apply_read_limit, cancel_read_limit
 from .relay import Relay
 
 log = logging.getLogger("relay_worker.conn")
@@ -150,8 +150,9 @@ class DerpServerConn(asyncio.Protocol):
             self._handle_frames(frames)
         else:
             self._handle_handshake_frames(frames)
-        if self.relay.token_bucket_rate:
-            apply_read_limit(self, len(data))
+        if self.relay.token_bucket_rate and frames:
+            # derper charges each frame's length (no header), clamped to one full SendPacket
+            apply_read_limit(self, sum(min(len(payload), MIN_READ_BURST) for _, payload in frames))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

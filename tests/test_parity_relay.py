@@ -413,3 +413,51 @@ async def test_c15_keepalive_period_is_60s_plus_per_connection_jitter() -> None:
         transport.close()
         theirs.close()
     assert periods <= set(range(60, 65)) and len(periods) > 1, periods
+
+
+# -- D11: derper's --rate-config ---------------------------------------------------------------------
+
+
+async def test_d11_rate_config_is_floored_charged_per_frame_and_reloaded_on_sighup(tmp_path: Path) -> None:
+    path = tmp_path / "rate.json"
+    path.write_text('{"PerClientRateLimitBytesPerSec": 1000, "PerClientRateBurstBytes": 10}')
+    with ClusterProcess("--rate-config", str(path), workers=1) as node:
+        limit = node.varz()["read_limit"]
+        assert (limit["rate"], limit["burst"]) == (1000, 65_568), limit  # derper's burst floor
+        a, b = await DerpClient.connect(node.url), await DerpClient.connect(node.url)
+        try:
+            # one full-size packet fits the floored burst (frame length 65,568: key + packet, no
+            # header), so it is relayed at once; a 10-byte burst would hold it for a minute
+            await a.send(b.public_key, bytes(64 << 10))
+            assert len((await b.recv_packet(timeout=20)).data) == 64 << 10
+            # Go's JSON: names are case-insensitive; no burst means the floor
+            path.write_text('{"perclientratelimitbytespersec": 2000000}')
+            os.kill(node.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+            await await_until(lambda: (node.varz()["read_limit"]["rate"], node.varz()["read_limit"]["burst"])
+                              == (2_000_000, 65_568), timeout=10, what="the reloaded rate config")
+            # a bad file keeps the current limits; {} lifts them
+            path.write_text("not json")
+            os.kill(node.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+            await await_until(lambda: any("rate config" in line and "not reloaded" in line for line in node.output),
+                              timeout=10, what="the bad rate config to be reported")
+            assert node.varz()["read_limit"]["rate"] == 2_000_000
+            path.write_text("{}")
+            os.kill(node.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+            await await_until(lambda: node.varz()["read_limit"]["rate"] == 0, timeout=10, what="limits lifted")
+            assert a.server_info is not None and a.server_info.token_bucket_bytes_per_second == 0
+        finally:
+            await a.close()
+            await b.close()
+
+
+def test_d11_rate_config_file_errors(tmp_path: Path) -> None:
+    from relay_worker.ratelimit import load_rate_config
+
+    path = tmp_path / "rate.json"
+    path.write_text('{"PerClientRateLimitBytesPerSec": -1}')
+    with pytest.raises(ValueError, match="unsigned"):
+        load_rate_config(str(path))
+    with pytest.raises(ValueError, match="error reading"):
+        load_rate_config(str(tmp_path / "missing.json"))
+    path.write_text('{"PerClientRateLimitBytesPerSec": 5000, "PerClientRateBurstBytes": 100000}')
+    assert load_rate_config(str(path)) == (5000, 100_000)
