@@ -320,21 +320,28 @@ class WorkerMesh:
         for start in range(0, len(records), CHUNK):
             entries = encode_entries(records[start : start + CHUNK])
             if not ack or start != last:
-                self.transport.broadcast_control(wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries)))
+                message = wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries))
+                self.transport.broadcast_control(message)
                 continue
-            asking = wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries, ack=ack))
+            asking = wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries, ack=ack))
             plain = b""
             for peer in list(self.transport.peers):
                 if peer in ack_peers:
                     if not self.transport.send_control(peer, asking):
                         unreachable.add(peer)  # type: ignore[arg-type]
                     continue
-                plain = plain or wire.build_control(wire.DIR_DELTA, self._envelope(entries=entries))
+                plain = plain or wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries))
                 self.transport.send_control(peer, plain)
         return unreachable
 
     def _envelope(self, **body: Any) -> dict[str, Any]:
         return {"node": self.owner.node, "worker": self.owner.worker, "inc": self.incarnation, **body}
+
+    def _delta_envelope(self, **body: Any) -> dict[str, Any]:
+        """A DIR_DELTA also says where its sender listens: a member that restarted elsewhere may
+        send its first delta (its clients' keys) before its first heartbeat reaches us, and
+        forwarding to those keys must not go to its old address."""
+        return self._envelope(ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region, **body)
 
     # -- inbox --------------------------------------------------------------------------------------
 
@@ -357,6 +364,8 @@ class WorkerMesh:
                 self._learn_members(sender, incarnation, body)
                 self._on_heartbeat(sender, incarnation, wire.field(body, "digest", bytes))
             elif kind == wire.DIR_DELTA:
+                if "tcp" in body or "ipc" in body:
+                    self._follow_endpoint(sender, body)
                 self._note_alive(sender, incarnation)
                 self._merge(wire.field(body, "entries", bytes))
                 ack = body.get("ack")
@@ -412,6 +421,18 @@ class WorkerMesh:
             if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
                     row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
                 self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
+
+    def _follow_endpoint(self, sender: Owner, body: dict[str, Any]) -> None:
+        """A known member's delta names other endpoints than we use: follow it (as a heartbeat would)."""
+        known = self.peers.get(sender)
+        ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
+        tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
+        if known is None or (known.ipc, known.tcp) == (ipc, tcp):
+            return
+        endpoint = self._endpoint_for(sender, ipc, tcp)
+        if endpoint:
+            known.ipc, known.tcp, known.endpoint = ipc, tcp, endpoint
+            self.transport.connect(sender, endpoint)
 
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""
