@@ -308,6 +308,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.http_read_timeout", _float, 30.0,
             "seconds for an HTTP request (head to response) and for keep-alive idle", "DERP_HTTP_READ_TIMEOUT",
             "--http-read-timeout"),
+    # relay write deadline (derper's --tcp-write-timeout): a client whose connection has held
+    # unflushed bytes this long is dropped; mesh peers get 30 s, as in derper
+    Setting("limits.tcp_write_timeout", _float, 2.0,
+            "seconds a client may leave written bytes unflushed before it is dropped (0 = never)",
+            "DERP_TCP_WRITE_TIMEOUT", "--tcp-write-timeout"),
+    # derper's --rate-config JSON file; reloaded on SIGHUP; overrides --client-bytes-*
+    Setting("limits.rate_config", _str, "",
+            "derper's per-client rate JSON file {PerClientRateLimitBytesPerSec, PerClientRateBurstBytes}",
+            "DERP_RATE_CONFIG", "--rate-config"),
     Setting("node.name", _str, "", "this node's name in the cluster (default: the hostname)",
             "DERP_NODE_NAME", "--node-name"),
     Setting("node.region_id", _int, 900, "derpMap region ID (custom regions start at 900)",

@@ -62,7 +62,7 @@ DERPER_FLAGS: tuple[DerperFlag, ...] = (
     DerperFlag("socket", "admission.tailscaled_socket"),
     DerperFlag("accept-connection-limit", "limits.accept_connection_limit"),
     DerperFlag("accept-connection-burst", "limits.accept_connection_burst"),
-    DerperFlag("rate-config", None, note="not supported; use --client-bytes-per-second/--client-bytes-burst"),
+    DerperFlag("rate-config", "limits.rate_config"),
     DerperFlag("tcp-keepalive-time", "limits.tcp_keepalive_time"),
     DerperFlag("tcp-user-timeout", "limits.tcp_user_timeout"),
     DerperFlag("tcp-write-timeout", "limits.tcp_write_timeout"),
@@ -184,12 +184,6 @@ def split_derper_args(argv: list[str], *, derper_mode: bool) -> Parsed:
                                   "and pass -mesh-psk-file FILE")
         elif flag.name in ("secrets-path-prefix", "secrets-cache-dir", "acme-eab-kid", "acme-eab-key"):
             out.warnings.append(f"{shown} ignored: {flag.note}")
-        elif flag.name == "rate-config":
-            if value:
-                raise ConfigError(f"-rate-config: {flag.note}")
-        elif flag.key is not None and flag.key not in SETTINGS_BY_KEY:
-            # the relay core owns this setting (limits.tcp_write_timeout); without it, say so
-            out.warnings.append(f"{shown} accepted but not applied: this build has no {flag.key}")
         elif flag.key is not None:
             if flag.name in _DURATION_FLAGS:  # Go durations (2s, 10m) as seconds, for any converter
                 try:

@@ -30,7 +30,13 @@ from relay_worker.bootstrap_dns import BootstrapDNS
 from relay_worker.http_app import build_app
 from relay_worker.keys import load_or_create_server_key
 from relay_worker.metrics import derper_gauges
-from relay_worker.ratelimit import AcceptLimiter, read_limit_stats
+from relay_worker.ratelimit import (
+    AcceptLimiter,
+    effective_read_limit,
+    load_rate_config,
+    read_limit_stats,
+    set_read_limit,
+)
 from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
 from stun.server import start_stun_server
@@ -56,12 +62,16 @@ def read_mesh_key(path: str) -> str:
 async def worker_main(config: Config, index: int, incarnation: int) -> None:
     run_dir = config.run_path
     server_key = load_or_create_server_key(config.server_key_path)
+    client_burst = config.limits_bytes_burst or config.limits_bytes_per_second
     relay = Relay(
         server_key,
         mesh_key=read_mesh_key(config.mesh_key_file),
         handshake_timeout=config.limits_handshake_timeout,
-        token_bucket_rate=config.limits_bytes_per_second,
-        token_bucket_burst=config.limits_bytes_burst or config.limits_bytes_per_second,
+        write_timeout=config.limits_tcp_write_timeout,
+        # derper's floor: the burst is at least one full SendPacket (65,568 bytes)
+        # (--client-bytes-burst defaults to one second's worth)
+        token_bucket_rate=effective_read_limit(config.limits_bytes_per_second, client_burst)[0],
+        token_bucket_burst=effective_read_limit(config.limits_bytes_per_second, client_burst)[1],
         max_clients=config.limits_max_clients,
     )
     admission = install_admission(
@@ -74,9 +84,31 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
         cache_ttl=config.admission_cache_ttl,
         timeout=config.admission_timeout,
     )
-    # SIGHUP (forwarded by the supervisor) reloads the allow-keys file; never let it kill a worker
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, admission.reload if admission is not None else (lambda: None))
+    rate_config = config.limits_rate_config
+
+    def reload_rate_config(*, first: bool = False) -> None:
+        try:
+            rate, burst = load_rate_config(rate_config)
+        except ValueError as exc:
+            if first:
+                raise SystemExit(f"limits.rate_config (--rate-config): {exc}") from exc
+            log.warning("rate config %s not reloaded (keeping the current limits): %s", rate_config, exc)
+            return
+        set_read_limit(relay, rate, burst)
+        log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
+
+    if rate_config:
+        reload_rate_config(first=True)
+
+    def on_sighup() -> None:
+        if admission is not None:
+            admission.reload()
+        if rate_config:
+            reload_rate_config()
+
+    # SIGHUP (forwarded by the supervisor) reloads the allow-keys file and the rate config; never
+    # let it kill a worker
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     accept_gate = AcceptLimiter.from_settings(config.limits_accept_connection_limit,
                                               config.limits_accept_connection_burst,
                                               config.limits_accept_connection_limit_per_ip)
@@ -109,7 +141,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
             doc["stun"] = stun_server.stats()
         doc["admission"] = admission.stats() if admission is not None else None
         doc["accept_limit"] = accept_gate.stats() if accept_gate is not None else None
-        doc["read_limit"] = read_limit_stats()
+        doc["read_limit"] = {**read_limit_stats(), "rate": relay.token_bucket_rate, "burst": relay.token_bucket_burst}
         return doc
 
     async def node_docs() -> list[dict[str, Any]]:

@@ -22,13 +22,17 @@ log = logging.getLogger("mesh.derp_peering")
 
 #: bytes we let queue on a derper connection before dropping forwarded packets (slow peer)
 MAX_BUFFERED = 4 << 20
+#: derper's client reads with a 120 s deadline (derp_client.go Recv); the derper sends a KeepAlive
+#: every 60-65 s, so silence that long means a dead or half-open path: reconnect
+READ_TIMEOUT = 120.0
 
 
 class DerpMeshPeer:
     def __init__(self, url: str, mesh_key: str, private_key: PrivateKey, *,
                  on_present: Callable[[bytes, DerpMeshPeer], None],
-                 on_gone: Callable[[bytes, DerpMeshPeer], None]) -> None:
+                 on_gone: Callable[[bytes, DerpMeshPeer], None], read_timeout: float = READ_TIMEOUT) -> None:
         self.url = url
+        self.read_timeout = read_timeout
         self.mesh_key = mesh_key
         self.private_key = private_key
         self.on_present = on_present
@@ -70,8 +74,9 @@ class DerpMeshPeer:
         while True:
             try:
                 dial_url, tls_name = _dial_target(self.url)
+                # derper's own mesh client never calls SetCanAckPings: CanAckPings false
                 self.client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
-                                                       server_hostname=tls_name, timeout=10)
+                                                       server_hostname=tls_name, can_ack_pings=False, timeout=10)
                 self.connects += 1
                 await self.client.watch_conns()
                 self.connected = True
@@ -95,7 +100,10 @@ class DerpMeshPeer:
 
     async def _receive(self, client: DerpClient) -> None:
         while True:
-            event = await client.recv()
+            try:
+                event = await client.recv(timeout=self.read_timeout)
+            except TimeoutError:
+                raise DerpClientError(f"nothing received for {self.read_timeout:.0f}s (read deadline)") from None
             if isinstance(event, F.PeerPresent):
                 if event.key not in self.keys:
                     self.keys.add(event.key)
@@ -105,6 +113,7 @@ class DerpMeshPeer:
                 self.on_gone(event.key, self)
 
     def _forget_all(self) -> None:
+        # derper's RunWatchConnectionLoop clears every forwarder of that peer when its connection ends
         keys, self.keys = self.keys, set()
         for key in keys:
             self.on_gone(key, self)

@@ -18,6 +18,8 @@ DIR_DELTA = 0x02
 HEARTBEAT = 0x03
 REPAIR = 0x04
 NODE_GOSSIP = 0x05
+#: "I merged your DIR_DELTA carrying ack=N": lets a worker hold ServerInfo until its node can route
+DIR_ACK = 0x06
 
 KEY_LEN = 32
 MAX_PACKET = 64 << 10

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,10 @@ MAX_MEMBERS = 256
 #: a member learned from another's member list and never heard from itself is forgotten after this
 #: many node_dead_after periods (a made-up or long-gone one; a real one is learned again when it speaks)
 FORGET_AFTER_DEAD_AFTERS = 4
+#: how long a new connection's ServerInfo waits for the node's other live workers to acknowledge
+#: its key; past it the handshake proceeds (and is counted in publish_ack_timeouts). A live worker
+#: answers in one ipc round trip; this bound only matters for one that is dying or stalled.
+PUBLISH_ACK_TIMEOUT = 0.5
 
 
 @dataclass
@@ -65,6 +69,15 @@ class PeerState:
     pulse_silent_ms: int = 0  # how long its loop had been silent, as its last pulse said
     busy: bool = False  # its loop is silent but its process pulses: keys kept (see tick)
     learned: bool = False  # known only from another member's list (not configured, not heard)
+
+
+@dataclass
+class AckWait:
+    """Connections waiting for the node's workers to merge one flush of local directory changes."""
+
+    pending: set[Owner]
+    callbacks: list[Callable[[], None]]
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -131,6 +144,10 @@ class WorkerMesh:
         self.foreign: dict[bytes, DerpMeshPeer] = {}
         self._outgoing: list[Record] = []
         self._flush_scheduled = False
+        #: connections whose keys are in _outgoing, waiting for the local workers' acknowledgements
+        self._next_waiters: list[Callable[[], None]] = []
+        self._acks: dict[int, AckWait] = {}
+        self._ack_seq = 0
         self.derp_peers: list[DerpMeshPeer] = []
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
@@ -172,6 +189,7 @@ class WorkerMesh:
         loop = asyncio.get_running_loop()
         self.transport.start(loop)
         self.relay.forwarder = self
+        self.relay.publication_barrier = self.publication_barrier
         self._task = loop.create_task(self._heartbeat_loop())
         self.loop_monitor.beat(time.monotonic())
         self.pulser.start()
@@ -273,13 +291,70 @@ class WorkerMesh:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_records)
 
+    def publication_barrier(self, callback: Callable[[], None]) -> None:
+        """Call back once every live worker of this node has merged the local directory changes
+        queued so far (so each of them routes to a key registered just now), or after
+        PUBLISH_ACK_TIMEOUT. Costs the handshake one ipc round trip and the hot path nothing."""
+        if self._flush_scheduled:
+            self._next_waiters.append(callback)
+        else:
+            callback()  # nothing waiting to go out (no peers, or no change to publish)
+
+    def _local_live_peers(self) -> set[Owner]:
+        node = self.owner.node
+        return {owner for owner, peer in self.peers.items() if peer.alive and owner.node == node}
+
     def _flush_records(self) -> None:
         self._flush_scheduled = False
         records, self._outgoing = self._outgoing, []
+        waiters, self._next_waiters = self._next_waiters, []
         if records:
             # one record per slot: a later write of this iteration supersedes an earlier one
-            latest = {(key, e.owner): (key, e) for key, e in records}
-            self._broadcast_records(list(latest.values()))
+            records = list({(key, e.owner): (key, e) for key, e in records}.values())
+        if not records:
+            for callback in waiters:
+                callback()
+            return
+        if not waiters:
+            self._broadcast_records(records)
+            return
+        self._ack_seq += 1
+        seq = self._ack_seq
+        wait = AckWait(self._local_live_peers(), waiters)
+        self._acks[seq] = wait
+        wait.pending -= self._broadcast_records(records, ack=seq, ack_peers=wait.pending)
+        if wait.pending:
+            wait.timer = asyncio.get_running_loop().call_later(PUBLISH_ACK_TIMEOUT, self._ack_expired, seq)
+        else:
+            self._ack_done(seq)
+
+    def _ack_done(self, seq: int) -> None:
+        wait = self._acks.pop(seq, None)
+        if wait is None:
+            return
+        if wait.timer is not None:
+            wait.timer.cancel()
+        for callback in wait.callbacks:
+            callback()
+
+    def _ack_expired(self, seq: int) -> None:
+        wait = self._acks.get(seq)
+        if wait is None:
+            return
+        wait.timer = None
+        self.relay.stats.publish_ack_timeouts += len(wait.callbacks)
+        log.info("mesh: no acknowledgement from %s within %.1fs; sending ServerInfo to %d client(s) anyway",
+                 ", ".join(f"{o.node}/{o.worker}" for o in sorted(wait.pending)), PUBLISH_ACK_TIMEOUT,
+                 len(wait.callbacks))
+        self._ack_done(seq)
+
+    def _on_ack(self, sender: Owner, seq: int) -> None:
+        wait = self._acks.get(seq)
+        if wait is None:
+            return
+        wait.pending.discard(sender)
+        if not wait.pending:
+            self._ack_done(seq)
 
     # -- directory changes -> relay -----------------------------------------------------------------
 
@@ -296,15 +371,39 @@ class WorkerMesh:
         if corrections:
             self._broadcast_records(corrections)
 
-    def _broadcast_records(self, records: list[Record]) -> None:
+    def _broadcast_records(self, records: list[Record], *, ack: int = 0,
+                           ack_peers: set[Owner] | frozenset[Owner] = frozenset()) -> set[Owner]:
+        """Send records to every member. With ack, the last chunk asks ack_peers to acknowledge
+        (ipc is ordered, so its ack covers the earlier chunks); returns the ack_peers it could not
+        reach (their queue is full), which then need not be waited for."""
+        unreachable: set[Owner] = set()
+        last = (len(records) - 1) // CHUNK * CHUNK
         self.records_out += len(records)
         for start in range(0, len(records), CHUNK):
-            message = wire.build_control(wire.DIR_DELTA, self._envelope(
-                entries=encode_entries(records[start : start + CHUNK])))
-            self.transport.broadcast_control(message)
+            entries = encode_entries(records[start : start + CHUNK])
+            if not ack or start != last:
+                message = wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries))
+                self.transport.broadcast_control(message)
+                continue
+            asking = wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries, ack=ack))
+            plain = b""
+            for peer in list(self.transport.peers):
+                if peer in ack_peers:
+                    if not self.transport.send_control(peer, asking):
+                        unreachable.add(peer)  # type: ignore[arg-type]
+                    continue
+                plain = plain or wire.build_control(wire.DIR_DELTA, self._delta_envelope(entries=entries))
+                self.transport.send_control(peer, plain)
+        return unreachable
 
     def _envelope(self, **body: Any) -> dict[str, Any]:
         return {"node": self.owner.node, "worker": self.owner.worker, "inc": self.incarnation, **body}
+
+    def _delta_envelope(self, **body: Any) -> dict[str, Any]:
+        """A DIR_DELTA also says where its sender listens: a member that restarted elsewhere may
+        send its first delta (its clients' keys) before its first heartbeat reaches us, and
+        forwarding to those keys must not go to its old address."""
+        return self._envelope(ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region, **body)
 
     # -- inbox --------------------------------------------------------------------------------------
 
@@ -330,8 +429,16 @@ class WorkerMesh:
                 self._learn_members(sender, incarnation, body)
                 self._on_heartbeat(sender, incarnation, wire.field(body, "digest", bytes))
             elif kind == wire.DIR_DELTA:
+                if "tcp" in body or "ipc" in body:
+                    self._follow_endpoint(sender, body)
                 self._note_alive(sender, incarnation)
                 self._merge(wire.field(body, "entries", bytes))
+                ack = body.get("ack")
+                if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
+                    # merged: the sender's new keys are routable here, so it may send ServerInfo
+                    self.transport.send_control(sender, wire.build_control(wire.DIR_ACK, self._envelope(ack=ack)))
+            elif kind == wire.DIR_ACK:
+                self._on_ack(sender, wire.field(body, "ack", int))
             elif kind == wire.REPAIR:
                 self._note_alive(sender, incarnation)
                 self._merge(wire.field(body, "entries", bytes))
@@ -396,6 +503,18 @@ class WorkerMesh:
             self.derp_seen = {}
         if sender in self.derp_seen or len(self.derp_seen) < self.MAX_DERP_SEEN:
             self.derp_seen[sender] = derp
+
+    def _follow_endpoint(self, sender: Owner, body: dict[str, Any]) -> None:
+        """A known member's delta names other endpoints than we use: follow it (as a heartbeat would)."""
+        known = self.peers.get(sender)
+        ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
+        tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
+        if known is None or (known.ipc, known.tcp) == (ipc, tcp):
+            return
+        endpoint = self._endpoint_for(sender, ipc, tcp)
+        if endpoint:
+            known.ipc, known.tcp, known.endpoint = ipc, tcp, endpoint
+            self.transport.connect(sender, endpoint)
 
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""

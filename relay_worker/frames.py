@@ -67,6 +67,9 @@ PEER_PRESENT_IS_MESH_PEER = 0x02
 PEER_PRESENT_IS_PROBER = 0x04
 PEER_PRESENT_NOT_IDEAL = 0x08
 
+#: the frame types derper's server handles; every other type is skipped, whatever its length
+SERVER_HANDLED_TYPES = frozenset({NOTE_PREFERRED, SEND_PACKET, FORWARD_PACKET, WATCH_CONNS, CLOSE_PEER, PING})
+
 _HEADER = struct.Struct(">BI")
 _U32X2 = struct.Struct(">II")
 
@@ -298,13 +301,19 @@ class FrameParser:
     `max_frame_len` bounds the payload length a header may announce: a larger one is a protocol
     error raised as soon as the header arrives, before any payload is buffered, so a hostile length
     prefix costs nothing. The limit can be tightened after the handshake.
+
+    With `oversize_fatal` set (a server after the handshake), only frames of those types are limited;
+    a longer frame of any other type is discarded as it streams in, never buffered (derper's
+    handleUnknownFrame reads and discards frames of any size).
     """
 
-    __slots__ = ("_buf", "max_frame_len")
+    __slots__ = ("_buf", "_skip", "max_frame_len", "oversize_fatal")
 
     def __init__(self, max_frame_len: int = MAX_INFO_LEN) -> None:
         self._buf = bytearray()
+        self._skip = 0
         self.max_frame_len = max_frame_len
+        self.oversize_fatal: frozenset[int] | None = None
 
     def buffered(self) -> int:
         return len(self._buf)
@@ -315,6 +324,12 @@ class FrameParser:
         Payloads are zero-copy views into immutable bytes: valid as long as the caller holds them,
         never changed underneath. A frame cut by a read boundary costs one copy of that read.
         """
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return []
+            data = data[self._skip :]
+            self._skip = 0
         buf = self._buf
         if buf:
             buf += data
@@ -329,6 +344,14 @@ class FrameParser:
         while end - pos >= HEADER_LEN:
             frame_type, length = unpack(data, pos)
             if length > limit:
+                fatal = self.oversize_fatal
+                if fatal is not None and frame_type not in fatal:
+                    stop = pos + HEADER_LEN + length
+                    if stop <= end:
+                        pos = stop
+                        continue
+                    self._skip = stop - end
+                    return frames
                 raise ProtocolError(
                     f"{FRAME_NAMES.get(frame_type, hex(frame_type))} frame length {length} exceeds {limit}"
                 )

@@ -35,29 +35,43 @@ class ClientInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        doc: dict[str, Any] = {"version": self.version}
+        """As Go marshals derp.ClientInfo: field order meshKey (omitzero), version (omitempty),
+        CanAckPings (always), IsProber (omitempty)."""
+        doc: dict[str, Any] = {}
         if self.mesh_key:
             doc["meshKey"] = self.mesh_key
-        if self.can_ack_pings:
-            doc["CanAckPings"] = True
+        if self.version:
+            doc["version"] = self.version
+        doc["CanAckPings"] = self.can_ack_pings
         if self.is_prober:
             doc["IsProber"] = True
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ClientInfo:
+        """Go's encoding/json into derp.ClientInfo: field names match case-insensitively (the last
+        match wins), a present meshKey must be exactly 64 hex digits (key.DERPMesh; `null`, `""`
+        and padded keys fail), and the booleans must be booleans (null leaves them false)."""
         doc = _json_object(raw, "ClientInfo")
-        version = doc.get("version", 0)
-        mesh_key = doc.get("meshKey", "") or ""
-        if not isinstance(version, int) or isinstance(version, bool) or not isinstance(mesh_key, str):
-            raise ProtocolError("ClientInfo has fields of the wrong type")
-        return cls(
-            version=version,
-            mesh_key=mesh_key,
-            can_ack_pings=bool(doc.get("CanAckPings", False)),
-            is_prober=bool(doc.get("IsProber", False)),
-            extra=doc,
-        )
+        folded = {name.lower(): value for name, value in doc.items()}
+        version = folded.get("version", 0)
+        if version is None:
+            version = 0
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ProtocolError("ClientInfo version is not an integer")
+        mesh_key = ""
+        if "meshkey" in folded:
+            value = folded["meshkey"]
+            if not (isinstance(value, str) and len(value) == 64 and all(c in _HEX for c in value)):
+                raise ProtocolError("ClientInfo meshKey is not 64 hex digits")
+            mesh_key = value.lower()
+        flags = []
+        for name in ("canackpings", "isprober"):
+            value = folded.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ProtocolError(f"ClientInfo {name} is not a boolean")
+            flags.append(bool(value))
+        return cls(version=version, mesh_key=mesh_key, can_ack_pings=flags[0], is_prober=flags[1], extra=doc)
 
 
 @dataclass(slots=True)
@@ -84,6 +98,9 @@ class ServerInfo:
                 raise ProtocolError(f"ServerInfo field {name} is not a non-negative integer")
             values.append(value)
         return cls(*values)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:

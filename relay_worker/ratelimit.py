@@ -1,5 +1,6 @@
 """Rate limits of a worker: a pure token bucket, the per-worker accept gate, and the per-client read
-limit that holds a client to the TokenBucketBytesPerSecond/Burst its ServerInfo announced.
+limit (derper's --rate-config semantics: frame lengths charged, burst at least 65,568 bytes; never
+announced to the client, as derper does not).
 
 Nothing here drops packets. A client over its byte budget simply stops being read until the budget
 refills, so TCP flow control pushes back on its sender (derper waits on its limiter in the read loop
@@ -10,10 +11,12 @@ cheapest refusal there is.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # conn.py calls into this module, so importing it at runtime would be circular
@@ -140,6 +143,60 @@ class AcceptLimiter:
 
 # -- per-client read limit ----------------------------------------------------------------------------
 
+#: derper's minRateLimitTokenBucketSize: the burst is never below one full SendPacket (key + packet),
+#: and no frame is charged more than that
+MIN_READ_BURST = (64 << 10) + 32
+
+
+def effective_read_limit(rate: int, burst: int) -> tuple[int, int]:
+    """derper's UpdateRateLimits: rate 0 disables; otherwise the burst is raised to MIN_READ_BURST."""
+    if rate <= 0:
+        return 0, 0
+    return rate, max(burst, MIN_READ_BURST)
+
+
+def load_rate_config(path: str) -> tuple[int, int]:
+    """Read derper's `--rate-config` JSON ({"PerClientRateLimitBytesPerSec": N,
+    "PerClientRateBurstBytes": M}; Go's JSON: names case-insensitive, unsigned integers) and return
+    the effective (rate, burst). Raises ValueError with a one-line reason."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"error reading rate config: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"error parsing rate config: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError("error parsing rate config: not a JSON object")
+    folded = {name.lower(): value for name, value in doc.items()}
+    values = []
+    for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
+        value = folded.get(name.lower(), 0)
+        if value is None:
+            value = 0
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+            raise ValueError(f"error parsing rate config: {name} is not an unsigned integer")
+        values.append(value)
+    return effective_read_limit(values[0], values[1])
+
+
+def set_read_limit(relay: Any, rate: int, burst: int) -> None:
+    """Apply a new per-client limit to the relay and to every existing connection's bucket (derper's
+    UpdateRateLimits applies to existing clients too); rate 0 lifts it, resuming paused readers."""
+    relay.token_bucket_rate, relay.token_bucket_burst = effective_read_limit(rate, burst)
+    for conn in tuple(relay.connections):
+        entry = conn.read_limit
+        if entry is None:
+            continue
+        if relay.token_bucket_rate:
+            entry.bucket.rate = float(relay.token_bucket_rate)
+            entry.bucket.burst = float(relay.token_bucket_burst)
+            entry.bucket.tokens = min(entry.bucket.tokens, entry.bucket.burst)
+            continue
+        resume = entry.resume
+        cancel_read_limit(conn)
+        if resume is not None and conn.transport is not None and conn.registered:
+            conn.transport.resume_reading()
+
 
 class _ReadLimit:
     __slots__ = ("bucket", "resume")
@@ -157,11 +214,10 @@ read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0, "li
 def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
     """Count nbytes just read from conn against its byte budget; pause reading while in debt.
 
-    Call at the end of `DerpServerConn.data_received`. Counted are the bytes read off the socket
-    (frame headers included), which is what Tailscale's client counts against the same
-    TokenBucketBytesPerSecond/Burst on its side. Connections that are not yet admitted and mesh peers
-    (probers presenting the mesh key included) are not limited; with no rate set this returns at once.
-    The bucket lives on the connection, so it goes when the connection goes.
+    Call at the end of `DerpServerConn.data_received` with the read's frame lengths (headers
+    excluded, each clamped to MIN_READ_BURST), which is what derper charges. Connections that are
+    not yet admitted and mesh peers (probers presenting the mesh key included) are not limited; with
+    no rate set this returns at once. The bucket lives on the connection, so it goes when the connection goes.
     """
     relay = conn.relay
     rate = relay.token_bucket_rate

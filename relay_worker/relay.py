@@ -26,8 +26,12 @@ log = logging.getLogger("relay_worker.relay")
 _RECV_HEADER = struct.Struct(">BI").pack
 
 KEEPALIVE_INTERVAL = 60.0
+#: derper: each connection's keepalive ticker runs at 60 s + U[0, 5 s), fixed per connection
+KEEPALIVE_JITTER = 5
 SWEEP_INTERVAL = 1.0
-KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL)
+KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL) + KEEPALIVE_JITTER
+#: derper never sends Restarting; the client doc says TryFor should be "a few seconds" at most
+MAX_TRY_FOR_MS = 5000
 
 
 class Forwarder(Protocol):
@@ -89,11 +93,16 @@ class Relay:
         self.watchers: set[DerpServerConn] = set()
         self.connections: set[DerpServerConn] = set()
         self.paused: set[DerpServerConn] = set()
+        #: connections over TLS, whose write deadline the sweep checks by buffered size
+        self.tls_connections: set[DerpServerConn] = set()
         self.keepalive_slots: list[set[DerpServerConn]] = [set() for _ in range(KEEPALIVE_SLOTS)]
         self._sweep_index = 0
         self.next_epoch = 1
         self.forwarder: Forwarder | None = None
         self.admission: Callable[..., object] | None = None
+        #: how a new connection waits, before ServerInfo, until every worker of the node can route
+        #: to it (set by `mesh`: calls back once the others acknowledged this loop's publications)
+        self.publication_barrier: Callable[[Callable[[], None]], None] | None = None
         self.draining = False
         self.on_change: list[Callable[[], None]] = []
 
@@ -101,10 +110,13 @@ class Relay:
 
     def connection_opened(self, conn: DerpServerConn) -> None:
         self.connections.add(conn)
+        if conn.tls:
+            self.tls_connections.add(conn)
         self.stats.accepts += 1
 
     def connection_closed(self, conn: DerpServerConn) -> None:
         self.connections.discard(conn)
+        self.tls_connections.discard(conn)
         self.paused.discard(conn)
         self.watchers.discard(conn)
         if conn.keepalive_slot >= 0:
@@ -118,7 +130,8 @@ class Relay:
         conn.epoch = self.next_epoch
         self.next_epoch += 1
         conn.registered = True
-        slot = random.randrange(KEEPALIVE_SLOTS)
+        conn.keepalive_period = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL) + random.randrange(KEEPALIVE_JITTER)
+        slot = (self._sweep_index + conn.keepalive_period) % KEEPALIVE_SLOTS
         conn.keepalive_slot = slot
         self.keepalive_slots[slot].add(conn)
         self.stats.current_connections += 1
@@ -164,9 +177,8 @@ class Relay:
         previous = self.active.get(key)
         self.active[key] = conn
         if previous is not conn:
-            if previous is not None and previous.registered:
-                previous.send_frame(F.build_health("another connection with this node key is active"))
-                conn.send_frame(F.build_health(""))
+            # no Health frame to either side: derper never sends one, and tailscaled would show it
+            # as a DERP health warning that flaps with every switch
             self._announce_present(conn)
         if self.forwarder is not None:
             self.forwarder.local_active_changed(key, conn.epoch, conn.preferred, True)
@@ -181,14 +193,20 @@ class Relay:
         else:
             self.clients.pop(key, None)
 
-    def note_send_from_dup(self, conn: DerpServerConn) -> None:
-        """Last writer wins among duplicate connections, unless another one said it is home."""
-        active = self.active.get(conn.key)
-        if active is conn:
-            return
-        if active is not None and active.preferred and not conn.preferred:
-            return
-        self._activate(conn.key, conn)
+    def await_published(self, callback: Callable[[], None]) -> None:
+        """Call back once the node's other workers can route to what was just registered."""
+        barrier = self.publication_barrier
+        if barrier is None:
+            callback()
+        else:
+            barrier(callback)
+
+    def note_activity(self, conn: DerpServerConn, now: float) -> None:
+        """A frame (any frame) from one of several connections of a key: derper's
+        lastWriterIsActive makes it the active one, and removal falls back to the latest speaker."""
+        conn.last_active = now
+        if self.active.get(conn.key) is not conn:
+            self._activate(conn.key, conn)
 
     def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
         if preferred != conn.preferred and conn.registered:
@@ -308,7 +326,7 @@ class Relay:
                 conn.deliver_parts(parts)
         return count
 
-    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> None:
+    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> bool:
         """A packet another worker or node sent us for a key it believes is here.
 
         A stock derper (Tailscale's mesh) sees our whole node as one server, so what it forwards
@@ -316,31 +334,54 @@ class Relay:
         from our own mesh are never forwarded again, so nothing can loop."""
         self.stats.packets_forwarded_in += 1
         if self.deliver(dst, src, packet):
-            return
+            return True
         if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(dst, src, packet):
             self.stats.packets_forwarded_out += 1
-            return
+            return True
         self.stats.drop("unknown_dest_on_fwd")
+        return False
 
     # -- periodic work ------------------------------------------------------------------------------
 
     def sweep(self, now: float | None = None) -> None:
-        """Once a second: keepalives for 1/60 of clients; drop clients stuck past the write timeout."""
+        """Once a second: keepalives for 1/60 of clients; drop clients whose transport has held
+        unflushed bytes for longer than the write timeout."""
         now = time.monotonic() if now is None else now
-        slot = self.keepalive_slots[self._sweep_index]
-        self._sweep_index = (self._sweep_index + 1) % KEEPALIVE_SLOTS
-        for conn in tuple(slot):
-            conn.send_keepalive()
+        index = self._sweep_index
+        slot = self.keepalive_slots[index]
+        self._sweep_index = (index + 1) % KEEPALIVE_SLOTS
+        if slot:
+            fired, slot_set = tuple(slot), slot
+            slot_set.clear()
+            for conn in fired:
+                conn.send_keepalive()
+                conn.keepalive_slot = (index + conn.keepalive_period) % KEEPALIVE_SLOTS
+                self.keepalive_slots[conn.keepalive_slot].add(conn)
         for conn in tuple(self.paused):
-            limit = self.mesh_write_timeout if conn.is_mesh else self.write_timeout
-            if now - conn.paused_since > limit:
-                self.stats.write_timeouts += 1
-                conn.abort_with(f"write timeout ({limit:.0f}s without the client reading)")
+            # paused means the transport holds bytes the kernel has not taken: derper's per-write
+            # deadline (0 disables it for clients, as derper's --tcp-write-timeout 0 does)
+            self._check_write_deadline(conn, conn.paused_since, now)
+        for conn in tuple(self.tls_connections):
+            # TLS transports pause only past HIGH_WATER (conn.connection_made): their deadline runs
+            # from the first sweep that finds bytes still buffered
+            transport = conn.transport
+            if transport is None or not transport.get_write_buffer_size():
+                conn.unflushed_since = 0.0
+            elif not conn.unflushed_since:
+                conn.unflushed_since = now
+            else:
+                self._check_write_deadline(conn, conn.unflushed_since, now)
 
-    def drain(self, reconnect_in_ms: int = 1000, try_for_ms: int = 30000) -> int:
+    def _check_write_deadline(self, conn: DerpServerConn, since: float, now: float) -> None:
+        limit = self.mesh_write_timeout if conn.is_mesh else self.write_timeout
+        if limit and since and now - since > limit:
+            self.stats.write_timeouts += 1
+            conn.abort_with(f"write timeout ({limit:.0f}s without the client reading)")
+
+    def drain(self, reconnect_in_ms: int = 1000, try_for_ms: int = MAX_TRY_FOR_MS) -> int:
         """Planned shutdown: send Restarting to every client, then close them all."""
         self.draining = True
-        frame = F.build_restarting(reconnect_in_ms, try_for_ms)
+        frame = F.build_restarting(reconnect_in_ms, min(try_for_ms, MAX_TRY_FOR_MS))
         count = 0
         for conn in tuple(self.connections):
             if conn.registered:
@@ -355,5 +396,5 @@ class Relay:
 
 
 def _best_of(group: list[DerpServerConn]) -> DerpServerConn:
-    """Among duplicates: preferred ones first, then the most recently active."""
-    return max(group, key=lambda c: (c.preferred, c.last_active))
+    """Among duplicates: the one that sent a frame last (derper's sendHistory), else the newest."""
+    return max(group, key=lambda c: (c.last_active, c.epoch))

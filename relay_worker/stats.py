@@ -43,6 +43,11 @@ class WorkerStats:
     unknown_frames: int = 0
     restarting_frames: int = 0
     accept_rate_limited: int = 0
+    #: handshakes whose ServerInfo went out before every local worker acknowledged the key
+    publish_ack_timeouts: int = 0
+    #: handshakes that waited for the node's acknowledgement, and the total wait (seconds)
+    publish_waits: int = 0
+    publish_wait_seconds: float = 0.0
     drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
 
     def drop(self, reason: str, n: int = 1) -> None:

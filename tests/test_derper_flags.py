@@ -56,10 +56,7 @@ def test_every_flag_form_of_go_flag_package() -> None:
     assert v["server.derp"] is False and v["server.home"] == "blank"
     assert v["limits.accept_connection_limit"] == 0.0 and v["limits.accept_connection_burst"] == 0  # unlimited
     assert (v["limits.tcp_user_timeout"], v["limits.tcp_keepalive_time"]) == (15.0, 600.0)
-    if "limits.tcp_write_timeout" in v:  # the relay core's setting (branch relay): seconds
-        assert float(v["limits.tcp_write_timeout"]) == 1.5
-    else:
-        assert any("-tcp-write-timeout accepted but not applied" in w for w in parsed.warnings)
+    assert float(v["limits.tcp_write_timeout"]) == 1.5
     assert v["server.bootstrap_dns_names"] == "a.example.com,b.example.com"  # split by the HTTP edge
     assert v["server.unpublished_bootstrap_dns_names"] == "c.example.com"
     assert v["server.mesh_key_file"] == "/k" and v["server.key_file"] == "/var/lib/x.key"
@@ -322,3 +319,8 @@ def test_mesh_with_derpers_host_slash_dialhost_form(tmp_path: Path) -> None:
         asyncio_run(relay())
         (derper,) = a.varz()["mesh"]["derpers"]
         assert "derp-b.test" in json.dumps(derper)
+
+
+def test_rate_config_is_derpers_file() -> None:
+    config, _ = settings_for(["-rate-config=/etc/derper/rate.json"])
+    assert config.values["limits.rate_config"] == "/etc/derper/rate.json"
