@@ -201,3 +201,14 @@ def test_tailscale_nodes_relay_through_the_container(node: Node, ns: NetNS) -> N
         assert result["derp_region"] == REGION, result
         assert result["endpoint"] == "", f"went direct, not through DERP: {result}"
         assert result["bytes"] >= 1 << 20
+
+
+def test_sigterm_stops_the_node_within_its_grace_period(daemon: Daemon, node: Node) -> None:
+    # last in the module: it stops the shared container. `compose stop` sends SIGTERM and allows
+    # the file's stop_grace_period; the supervisor drains its workers and exits 0, before SIGKILL.
+    started = time.monotonic()
+    node.compose.run("stop", files=[node.compose.rendered], timeout=90)
+    took = time.monotonic() - started
+    state = json.loads(daemon.docker("inspect", "--format", "{{json .State}}", node.container).stdout)
+    assert not state["Running"] and state["ExitCode"] == 0 and not state["OOMKilled"], state
+    assert took < 30, f"stop took {took:.1f}s: the grace period ran out"
