@@ -11,6 +11,7 @@ addresses. Missing tools skip the module, or fail it under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -39,7 +40,10 @@ REGION = 900
 NOFILE = min(1048576, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 
 
-def unavailable(what: str, exc: Exception) -> None:
+def unavailable(what: str, exc: Exception | None) -> None:
+    """Skip, or fail under CI=true, with one line; called outside `except` so no traceback chain shows."""
+    if exc is None:
+        return
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what}: {exc}", pytrace=False)
     pytest.skip(f"{what}: {exc}")
@@ -51,10 +55,13 @@ def log(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
+    tools, problem = None, None
     try:
         tools = Tools()
     except DockerUnavailable as exc:
-        unavailable("container tier", exc)
+        problem = exc
+    unavailable("container tier", problem)
+    assert tools is not None
     started = time.monotonic()
     with Daemon(tools) as running:
         log(f"dockerd up in {time.monotonic() - started:.1f}s; compose {' '.join(tools.compose)}")
@@ -146,12 +153,16 @@ def node(daemon: Daemon) -> Iterator[Node]:
 @pytest.fixture(scope="module")
 def ns(node: Node) -> Iterator[NetNS]:
     """A namespace of the test's own where DOMAIN names the root side of a veth into it."""
-    try:
-        with NetNS(node.workdir, hosts={DOMAIN: ROOT_ADDR}) as namespace, \
-                root_veth(namespace.name, ROOT_ADDR, NS_ADDR):
-            yield namespace
-    except InteropUnavailable as exc:
-        unavailable("container tier", exc)
+    with contextlib.ExitStack() as stack:
+        namespace, problem = None, None
+        try:
+            namespace = stack.enter_context(NetNS(node.workdir, hosts={DOMAIN: ROOT_ADDR}))
+        except InteropUnavailable as exc:
+            problem = exc
+        unavailable("container tier", problem)
+        assert namespace is not None
+        stack.enter_context(root_veth(namespace.name, ROOT_ADDR, NS_ADDR))
+        yield namespace
 
 
 def test_container_runs_the_image_as_built(daemon: Daemon, node: Node) -> None:
@@ -190,10 +201,13 @@ def test_probe_by_name_from_a_namespace(node: Node, ns: NetNS) -> None:
 
 
 def test_tailscale_nodes_relay_through_the_container(node: Node, ns: NetNS) -> None:
+    bins, problem = None, None
     try:
         bins = build_binaries()
     except InteropUnavailable as exc:
-        unavailable("Tailscale's programs", exc)
+        problem = exc
+    unavailable("Tailscale's programs", problem)
+    assert bins is not None
     control = Control(ns, bins, node.derp_map(ROOT_ADDR))
     results = tsnet_pairs(ns, bins, control, pairs=2, size=1 << 20, env={"SSL_CERT_FILE": str(node.ca_file)},
                           timeout=120)
