@@ -136,6 +136,9 @@ class Daemon:
                 self.__exit__()
                 raise AssertionError(f"dockerd did not come up:\n{tail}")
             time.sleep(0.2)
+        # what a run killed before its teardown left in this daemon (never anything outside it)
+        self.docker("container", "prune", "--force", check=False)
+        self.docker("volume", "prune", "--force", check=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,6 +193,7 @@ class Daemon:
         """deploy/Dockerfile on the Debian base, with BuildKit; --network host so pip reaches PyPI."""
         self.docker("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "-f",
                     str(REPO / "deploy" / "Dockerfile"), "-t", IMAGE, str(REPO), timeout=900)
+        self.docker("image", "prune", "--force", check=False)  # the previous build, now untagged
 
 
 class Compose:
