@@ -81,6 +81,19 @@ class Tools:
             self.compose = [v1]
 
 
+def remove_tree(path: Path) -> None:
+    """rm -r a rootfs, first unmounting what debootstrap may have left in it (a failed run can leave
+    /proc, /sys or a bind mount of the host's /dev there: rmtree would walk into those)."""
+    root = str(path.resolve())
+    mounts = [line.split()[1].replace("\\040", " ") for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m == root or m.startswith(root + "/")), reverse=True):
+        subprocess.run(["umount", "--lazy", mount], capture_output=True)
+    left = [m for m in Path("/proc/self/mounts").read_text().split() if m.startswith(root + "/")]
+    if left:
+        raise AssertionError(f"could not unmount {left} from {root}; not removing it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class Daemon:
     """dockerd on SOCKET, its state under STATE; one test run at a time (a lock file says so)."""
 
@@ -165,7 +178,7 @@ class Daemon:
         if self.image_exists(BASE_IMAGE):
             return "cached"
         rootfs = STATE / "rootfs"
-        shutil.rmtree(rootfs, ignore_errors=True)
+        remove_tree(rootfs)
         try:
             proc = subprocess.run([self.tools.debootstrap, "--variant=minbase", f"--include={BASE_PACKAGES}", SUITE,
                                    str(rootfs)], capture_output=True, text=True, timeout=900)
@@ -186,7 +199,7 @@ class Daemon:
                 tar.stdout.close()
                 tar.wait(60)
         finally:
-            shutil.rmtree(rootfs, ignore_errors=True)
+            remove_tree(rootfs)
         return "built"
 
     def build_image(self) -> None:
