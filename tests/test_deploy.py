@@ -301,8 +301,10 @@ def test_hadolint_passes() -> None:
 
 def test_dockerfile_shape() -> None:
     instructions = dockerfile_instructions()
+    # every stage starts from the BASE build argument, whose default is the official image
+    assert ("ARG", "BASE=python:3.11-slim") in instructions
     froms = [rest for op, rest in instructions if op == "FROM"]
-    assert froms and all(rest.startswith("python:3.11-slim") for rest in froms)
+    assert froms and all(rest.split()[0] == "${BASE}" for rest in froms)
     (user,) = [rest for op, rest in instructions if op == "USER"]
     assert int(user.split(":")[0]) != 0  # numeric and not root
     (entrypoint,) = [rest for op, rest in instructions if op == "ENTRYPOINT"]
@@ -312,7 +314,7 @@ def test_dockerfile_shape() -> None:
     assert all("--no-cache-dir" in rest for op, rest in instructions if op == "RUN" and "pip " in rest)
     assert healthcheck_argv()[:3] == ["python", "-m", "cluster.healthcheck"]
     for name in dockerfile_env():
-        assert name.startswith("PYTHON") or name in ENV_SETTING, name
+        assert name.startswith("PYTHON") or name == "PATH" or name in ENV_SETTING, name
 
 
 def test_docker_context_carries_every_package() -> None:
