@@ -155,9 +155,10 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
             assert (certdir / "acme_account+key").exists()
 
             # renewal before expiry, served by the same worker processes (hot swap, no restart)
-            renewed = wait_until(lambda: (leaf := served_chain_leaf(node.port, "localhost")).serial_number
+            # (each worker picks up a new file on its own: until every one has, a connection may still
+            # meet the placeholder, which is no renewal)
+            renewed = wait_until(lambda: (leaf := issued()) is not None and leaf.serial_number
                                  != first.serial_number and leaf, timeout=90, what="the renewed certificate")
-            assert renewed.issuer != renewed.subject
             assert renewed.not_valid_after_utc > first.not_valid_after_utc
             assert node.worker_pids() == pids
 
