@@ -15,16 +15,6 @@ from tests.interop.harness import InteropUnavailable, NetNS, build_binaries, wor
 _build: Path | InteropUnavailable | None = None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.interop)
-            item.add_marker(pytest.mark.slow)
-            # the first test's setup builds Tailscale's programs: minutes on a cold Go cache
-            item.add_marker(pytest.mark.timeout(1500))
-
-
 @pytest.fixture(scope="session")
 def bins() -> Path:
     """Tailscale's programs and ours, built once per session; a missing Go is a skip, or under CI a failure."""

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,14 +16,6 @@ from tests.multihost.scenarios import form_mesh_sync
 
 _capability: str | None = None
 _checked = False
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.multihost)
-            item.add_marker(pytest.mark.slow)
 
 
 def _missing_capability() -> str | None:
