@@ -25,7 +25,7 @@ from relay_worker.conn import DerpServerConn, present_flags, take_token
 from relay_worker.handshake import ClientInfo, seal_client_info
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Relay
-from tests.support import ClusterProcess, await_until, free_port_range
+from tests.support import ClusterProcess, RawConn, await_until, free_port_range
 
 pytestmark = pytest.mark.slow
 
@@ -37,65 +37,6 @@ def mesh_key_file(tmp_path: Path) -> Path:
     path = tmp_path / "mesh.key"
     path.write_text(MESH_KEY + "\n")
     return path
-
-
-class RawConn:
-    """A handshaken DERP connection on a plain non-blocking socket that reads only when told to."""
-
-    def __init__(self, sock: socket.socket, parser: F.FrameParser, frames: list[tuple[int, bytes]]) -> None:
-        self.sock = sock
-        self.parser = parser
-        self.frames = frames
-
-    @classmethod
-    async def open(cls, port: int, *, key: PrivateKey | None = None, mesh_key: str = "",
-                   rcvbuf: int = 4096) -> RawConn:
-        loop = asyncio.get_running_loop()
-        key = key or PrivateKey.generate()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
-                                      b"Derp-Fast-Start: 1\r\n\r\n")
-        parser = F.FrameParser(F.MAX_INFO_LEN)
-        frames: list[tuple[int, bytes]] = []
-        while not frames:
-            frames += parser.feed(await loop.sock_recv(sock, 4096))
-        assert frames[0][0] == F.SERVER_KEY
-        server_public = F.parse_server_key(frames.pop(0)[1])
-        await loop.sock_sendall(sock, seal_client_info(key, server_public, ClientInfo(mesh_key=mesh_key)))
-        while not frames:
-            data = await loop.sock_recv(sock, 4096)
-            assert data, "server closed during the handshake"
-            frames += parser.feed(data)
-        assert frames.pop(0)[0] == F.SERVER_INFO
-        parser.max_frame_len = F.MAX_FRAME_LEN
-        conn = cls(sock, parser, frames)
-        conn.public = key.public().raw
-        return conn
-
-    public: bytes = b""
-
-    async def send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    async def read_until(self, done: object, timeout: float) -> list[tuple[int, bytes]]:
-        """Read frames until done(frames) is true, the server closes, or timeout passes."""
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout
-        while not done(self.frames) and time.monotonic() < deadline:  # type: ignore[operator]
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), deadline - time.monotonic())
-            except (TimeoutError, OSError):
-                break
-            if not data:
-                break
-            self.frames += self.parser.feed(data)
-        return self.frames
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def server_send_queue(server_port: int, client: socket.socket) -> int | None:

@@ -24,10 +24,9 @@ import pytest
 
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, RecvPacket
-from relay_worker.handshake import ClientInfo, seal_client_info
 from relay_worker.keys import PrivateKey
 from tests.faults.conftest import report, worker_rss_kib
-from tests.support import ClusterProcess, await_until, rss_kib
+from tests.support import ClusterProcess, RawConn, await_until, rss_kib
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -43,26 +42,7 @@ STAMP = struct.Struct(">d")
 async def raw_client(port: int, key: PrivateKey, *, rcvbuf: int = 4096) -> socket.socket:
     """A handshaken DERP connection on a plain non-blocking socket, so the test decides exactly how
     much it reads. A small receive buffer makes the server feel a stalled reader sooner."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(sock, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
-                                  b"Derp-Fast-Start: 1\r\n\r\n")
-    parser = F.FrameParser(F.MAX_INFO_LEN)
-    frames: list[tuple[int, bytes]] = []
-    while not frames:
-        frames += parser.feed(await loop.sock_recv(sock, 4096))
-    assert frames[0][0] == F.SERVER_KEY
-    server_public = F.parse_server_key(frames[0][1])
-    await loop.sock_sendall(sock, seal_client_info(key, server_public, ClientInfo()))
-    while len(frames) < 2:
-        data = await loop.sock_recv(sock, 4096)
-        assert data, "server closed during the handshake"
-        frames += parser.feed(data)
-    assert frames[1][0] == F.SERVER_INFO
-    return sock
+    return (await RawConn.open(port, key=key, rcvbuf=rcvbuf)).sock
 
 
 async def slow_reader(sock: socket.socket, rate: int, stop: asyncio.Event) -> int:
