@@ -31,6 +31,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
     from .derper_flags import not_applied_warnings, unknown_derp_env
+    from .exposure import open_relay_warning
     from .supervisor import Supervisor
 
     for line in getattr(args, "derper_warnings", None) or []:
@@ -43,6 +44,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(config)
     supervisor.prepare()
+    open_relay = open_relay_warning(config.values, config.listen_addr[0])
+    if open_relay:  # after preflight: a node that will not start is not warned about
+        _warn(open_relay)
     return supervisor.run()
 
 

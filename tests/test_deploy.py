@@ -645,3 +645,37 @@ def test_each_deploy_page_ends_with_derpmap_and_probe(page: str) -> None:
     assert re.search(r"cluster probe https://\S+/derp", text)
     assert "cluster derpmap" in text
 
+
+
+# -- the image's own defaults, without the compose file -----------------------------------------
+
+
+def test_image_defaults_to_letsencrypt_for_its_domain() -> None:
+    config = load_config(None, {**dockerfile_env(), "DERP_DOMAIN": "derp.example.com"})
+    assert config.values["server.certmode"] == "letsencrypt"
+    assert config.values["server.listen"] == ":443"
+
+
+def test_image_without_a_domain_refuses_to_start_rather_than_serve_plain_http(tmp_path: Path) -> None:
+    env = dockerfile_env()
+    env.update(DERP_ADDR=f"127.0.0.1:{free_port()}", DERP_HTTP_PORT=str(free_port()), DERP_STUN="false",
+               DERP_CERT_DIR=str(tmp_path / "certs"), DERP_STATE_DIR=str(tmp_path / "state"))
+    env.pop("PYTHONUNBUFFERED")  # the Dockerfile's; ClusterProcess sets it itself
+    node = ImageProcess(env)
+    try:
+        node.start(wait=False)
+        assert node.wait(60) == 2, node.log()
+        assert node.output == ["cluster: config error: server.hostname (--hostname / -hostname / DERP_DOMAIN): "
+                               "certmode letsencrypt needs the DNS name to get a certificate for"], node.log()
+    finally:
+        node.tmp.cleanup()
+
+
+def test_a_public_node_without_admission_is_warned_about_once_at_start() -> None:
+    with ClusterProcess("--hostname", "derp.example.com", "--http-port", "-1") as node:
+        warnings = [line for line in node.output if "relays for any client" in line]
+        assert warnings == ["cluster: warning: derp.example.com relays for any client that reaches it (no admission "
+                            "is configured): set DERP_VERIFY_CLIENTS=true (--verify-clients) or --verify-client-url "
+                            "to admit only your tailnet"], node.log()
+    with ClusterProcess("--http-port", "-1") as node:  # loopback, no public name: a test or dev node
+        assert not [line for line in node.output if "relays for any client" in line], node.log()

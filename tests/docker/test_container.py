@@ -165,6 +165,16 @@ def ns(node: Node) -> Iterator[NetNS]:
         yield namespace
 
 
+def test_image_alone_refuses_to_start_without_a_domain(daemon: Daemon) -> None:
+    # first in the module, before the compose node exists: `docker run IMAGE` with nothing set is
+    # derper's letsencrypt default, which needs a name; it must not fall back to plain HTTP
+    result = daemon.docker("run", "--rm", "--network", "none", IMAGE, check=False, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "cluster: config error: server.hostname (--hostname / -hostname / DERP_DOMAIN): certmode letsencrypt "
+        "needs the DNS name to get a certificate for"], result.stderr
+
+
 def test_container_runs_the_image_as_built(daemon: Daemon, node: Node) -> None:
     inspect = json.loads(daemon.docker("inspect", node.container).stdout)[0]
     assert inspect["Config"]["Image"] == IMAGE

@@ -100,7 +100,8 @@ async def test_a_connection_before_admission_costs_at_most_its_bound_until_its_d
                               what=f"every {phase} connection closed by its deadline")
             closed_after = time.monotonic() - opened_at
             report(f"attacker budget: {phase}", connections=count, rss_growth_kib=held,
-                   per_connection_kib=round(per_conn, 1), bound_kib=bound_kib, all_closed_after_s=round(closed_after, 2))
+                   per_connection_kib=round(per_conn, 1), bound_kib=bound_kib,
+                   all_closed_after_s=round(closed_after, 2))
             assert per_conn <= bound_kib, (phase, per_conn)
         finally:
             for sock in socks:
