@@ -43,7 +43,7 @@ PONG_SERVING = b"1"
 PONG_STARTING = b"0"
 SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 #: WorkerSlot fields that stay in this process (not in supervisor.json)
-_PRIVATE = {"process", "control", "launched", "last_answer", "kill_reason"}
+_PRIVATE = {"process", "control", "launched", "unanswered_since", "kill_reason"}
 
 
 @dataclass
@@ -59,9 +59,10 @@ class WorkerSlot:
     ready: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     control: socket.socket | None = field(default=None, repr=False)
-    #: monotonic times: when the process was started, when it last answered a ping
+    #: monotonic times: when the process was started; when the oldest ping it has not answered went
+    #: out (silence is counted from a ping, so a supervisor that was itself paused kills nobody)
     launched: float = 0.0
-    last_answer: float = 0.0
+    unanswered_since: float | None = None
     #: why the supervisor killed it, for the restart line
     kill_reason: str = ""
 
@@ -160,7 +161,8 @@ class Supervisor:
         self.selector.register(ours, selectors.EVENT_READ, slot)
         slot.pid = slot.process.pid
         slot.started = time.time()
-        slot.launched = slot.last_answer = time.monotonic()
+        slot.launched = time.monotonic()
+        slot.unanswered_since = None
         slot.ready = False
         slot.kill_reason = ""
         self.write_state()
@@ -179,6 +181,8 @@ class Supervisor:
         self._next_ping = now + interval
         for slot in self.slots:
             if slot.control is not None:
+                if slot.unanswered_since is None:
+                    slot.unanswered_since = now
                 # a full buffer means many unanswered pings: the liveness check sees to that worker
                 with contextlib.suppress(BlockingIOError, ConnectionError):
                     slot.control.send(b"?")
@@ -194,15 +198,16 @@ class Supervisor:
         if not data:  # the worker is gone; poll_workers reaps it
             self.close_control(slot)
             return
-        slot.last_answer = time.monotonic()
+        slot.unanswered_since = None
         if PONG_SERVING in data and not slot.ready:
             slot.ready = True
             self.write_state()
 
     def check_liveness(self, slot: WorkerSlot) -> None:
         """Kill a worker whose process exists but which does not serve: poll_workers restarts it."""
-        silent = time.monotonic() - slot.last_answer
-        if not slot.ready and time.monotonic() - slot.launched > STARTUP_TIMEOUT:
+        now = time.monotonic()
+        silent = 0.0 if slot.unanswered_since is None else now - slot.unanswered_since
+        if not slot.ready and now - slot.launched > STARTUP_TIMEOUT:
             reason = f"was not serving {STARTUP_TIMEOUT:g}s after it started"
         elif slot.ready and self.liveness_timeout > 0 and silent > self.liveness_timeout:
             reason = (f"did not answer the liveness ping for {silent:.1f}s "
