@@ -249,6 +249,13 @@ SETTINGS: tuple[Setting, ...] = (
             "DERP_ADMIN_TOKEN", "--admin-token"),
     Setting("server.admin_token_file", _str, "", "file holding the admin token", "DERP_ADMIN_TOKEN_FILE",
             "--admin-token-file"),
+    # the supervisor (cluster/supervisor.py): its liveness ping and its one shutdown deadline
+    Setting("server.worker_liveness_timeout", _duration, 30.0,
+            "seconds a serving worker may leave the supervisor's liveness ping unanswered before it is killed "
+            "and restarted (0 = never)", None, "--worker-liveness-timeout"),
+    Setting("server.shutdown_timeout", _duration, 10.0,
+            "seconds all workers together get to drain after SIGTERM before they are killed", None,
+            "--shutdown-timeout"),
     Setting("server.mesh_key_file", _str, "",
             "file with derper's mesh key (64 hex): peers presenting it may WatchConns/ForwardPacket",
             "DERP_MESH_KEY_FILE", "--mesh-key-file"),
@@ -379,7 +386,7 @@ class Config:
 
     @property
     def tls(self) -> bool:
-        return self.values["server.certmode"] != "dev"
+        return str(self.values["server.certmode"]) != "dev"
 
     @property
     def worker_count(self) -> int:
@@ -428,6 +435,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.values)
+
+
+def trusted_config(values: Mapping[str, Any]) -> Config:
+    """A worker's configuration: the values its supervisor validated (load_config, then
+    cluster/preflight.py) and passed on, taken as they are so every check runs once."""
+    missing = [setting.key for setting in SETTINGS if setting.key not in values]
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing from the supervisor's settings; start workers with `cluster up`")
+    return Config(values=dict(values), sources=dict.fromkeys(values, "supervisor"))
 
 
 def _apply(config: Config, key: str, raw: Any, source: str) -> None:

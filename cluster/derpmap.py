@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Config, ConfigError, parse_hostport
+
+_T = TypeVar("_T")
 
 #: keys a [[regions]] table and its nodes may carry; anything else is a typo we refuse rather than ignore
 #: (a silently ignored "stunport = -1" would publish STUN on 3478 to every client).
@@ -68,7 +70,7 @@ def node_snippet(config: Config, name: str | None = None) -> dict[str, Any]:
     return node
 
 
-def _want(where: str, value: Any, kind: type, what: str) -> Any:
+def _want(where: str, value: Any, kind: type[_T], what: str) -> _T:
     # bool is an int in Python; TOML keeps them apart, and so must we (stun_port = true is a typo)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: want {what}, got {value!r}")
@@ -217,7 +219,7 @@ def running_derpmap(varz: dict[str, Any], *, omit_default_regions: bool = True) 
     mesh = varz.get("mesh") or {}
     published = [mesh.get("derp_node"), *(mesh.get("derp_nodes") or {}).values()]  # live members only
     regions: dict[str, Any] = {}
-    seen: set[str] = set()
+    seen: set[str | None] = set()
     for item in published:
         if not isinstance(item, dict) or not isinstance(item.get("node"), dict):
             continue

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,25 +42,42 @@ from relay_worker.relay import Relay
 from relay_worker.server import WorkerServer, make_listen_socket, make_unix_socket, serve, uvicorn_config
 from stun.server import start_stun_server
 
-from .config import Config, load_config, parse_hostport
+from .config import Config, ConfigError, parse_hostport, trusted_config
 from .derpmap import published_derp_node
 from .http_port import SideServers
 from .node_metrics import gather_worker_docs, node_expvar, node_metrics_text, node_varz_text
+from .preflight import read_mesh_key, read_rate_config
+from .supervisor import PONG_SERVING, PONG_STARTING
 from .tls import CertReloader, build_ssl_context
 
 log = logging.getLogger("cluster.worker")
 
 
-def read_mesh_key(path: str) -> str:
-    if not path:
-        return ""
-    key = Path(path).read_text().strip()
-    if len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key):
-        raise SystemExit(f"mesh key file {path}: want 64 hex characters (derper's -mesh-psk-file format)")
-    return key.lower()
+def answer_liveness_pings(control_fd: int, server: WorkerServer) -> None:
+    """Answer every ping byte from the supervisor (cluster/supervisor.py) with whether this worker
+    serves yet. The answers come from this event loop, so a wedged loop stops answering."""
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def answer() -> None:
+        try:
+            pings = control.recv(4096)
+        except BlockingIOError:
+            return
+        except ConnectionError:
+            pings = b""
+        if not pings:  # the supervisor is gone; nobody to answer
+            loop.remove_reader(control_fd)
+            control.close()
+            return
+        with contextlib.suppress(BlockingIOError, ConnectionError):
+            control.send(PONG_SERVING if server.started else PONG_STARTING)
+
+    loop.add_reader(control_fd, answer)
 
 
-async def worker_main(config: Config, index: int, incarnation: int) -> None:
+async def worker_main(config: Config, index: int, incarnation: int, control_fd: int = -1) -> None:
     run_dir = config.run_path
     server_key = load_or_create_server_key(config.server_key_path)
     client_burst = config.limits_bytes_burst or config.limits_bytes_per_second
@@ -86,19 +104,18 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     )
     rate_config = config.limits_rate_config
 
-    def reload_rate_config(*, first: bool = False) -> None:
-        try:
-            rate, burst = load_rate_config(rate_config)
-        except ValueError as exc:
-            if first:
-                raise SystemExit(f"limits.rate_config (--rate-config): {exc}") from exc
-            log.warning("rate config %s not reloaded (keeping the current limits): %s", rate_config, exc)
-            return
+    def apply_rate_config(rate: int, burst: int) -> None:
         set_read_limit(relay, rate, burst)
         log.info("rate config applied: client-rate=%d bytes/sec, client-burst=%d bytes", rate, burst)
 
+    def reload_rate_config() -> None:
+        try:
+            apply_rate_config(*load_rate_config(rate_config))
+        except ValueError as exc:
+            log.warning("rate config %s not reloaded (keeping the current limits): %s", rate_config, exc)
+
     if rate_config:
-        reload_rate_config(first=True)
+        apply_rate_config(*read_rate_config(rate_config))  # the supervisor's preflight read it too
 
     def on_sighup() -> None:
         if admission is not None:
@@ -114,12 +131,9 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
                                               config.limits_accept_connection_limit_per_ip)
     host, port = config.listen_addr
     ssl_context = build_ssl_context(config)
-    # derper's -tcp-user-timeout / -tcp-keepalive-time when the config has them (branch ops), else
-    # their defaults (make_listen_socket's)
-    tcp_options = {name: float(config.values[key]) for name, key in (
-        ("user_timeout", "limits.tcp_user_timeout"), ("keepalive_idle", "limits.tcp_keepalive_time"))
-        if key in config.values}
-    tcp = make_listen_socket(host, port, **tcp_options)
+    # derper's -tcp-user-timeout / -tcp-keepalive-time
+    tcp = make_listen_socket(host, port, user_timeout=config.limits_tcp_user_timeout,
+                             keepalive_idle=config.limits_tcp_keepalive_time)
     admin_sock = make_unix_socket(str(run_dir / f"worker-{index}.sock"))
     mesh = build_mesh(config, relay, index, incarnation)
     mesh.start()
@@ -177,6 +191,8 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
     side = await SideServers.start(config, uvicorn_config(app, relay, log_level=config.log_level,
                                                           read_timeout=read_timeout),
                                    admin_sock if ssl_context else None)
+    if control_fd >= 0:
+        answer_liveness_pings(control_fd, server)
     reloader = CertReloader.for_config(ssl_context, config)
     log.info("worker %d (pid %d, incarnation %d) serving on %s:%d", index, os.getpid(), incarnation, host, port)
     try:
@@ -194,7 +210,7 @@ async def worker_main(config: Config, index: int, incarnation: int) -> None:
 def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> WorkerMesh:
     """This worker's membership in the node and, with --mesh-listen, in the multi-node cluster."""
     run_dir = config.run_path
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     curve = None
     if config.node_mesh_secret_file:
         curve = derive_curve_keys(read_secret_file(Path(config.node_mesh_secret_file)))
@@ -215,9 +231,7 @@ def build_mesh(config: Config, relay: Relay, index: int, incarnation: int) -> Wo
     for peer in range(config.worker_count):
         ipc = f"ipc://{run_dir}/mesh-{peer}.ipc"
         mesh.add_peer(Owner(config.node_name, peer), ipc, ipc=ipc, region=config.node_region_id)
-    for url in config.mesh_with:
-        if not relay.mesh_key:
-            raise SystemExit("server.mesh_with (--mesh-with) needs --mesh-key-file: the derpers' mesh key")
+    for url in config.mesh_with:  # the supervisor's preflight made sure there is a mesh key
         mesh.mesh_with_derper(url, relay.mesh_key)
     for seed in config.node_join:
         host, port = parse_hostport(seed)
@@ -230,14 +244,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cluster-worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--incarnation", type=int, default=0)
-    parser.add_argument("--settings", required=True, help="JSON object of effective settings")
+    parser.add_argument("--control-fd", type=int, default=-1, help="the supervisor's liveness socket")
+    parser.add_argument("--settings", required=True, help="JSON object of the supervisor's validated settings")
     args = parser.parse_args(argv)
-    settings: dict[str, Any] = json.loads(args.settings)
-    config = load_config(flags=settings)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s worker{args.index} %(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run(worker_main(config, args.index, args.incarnation))
+    try:
+        config = trusted_config(json.loads(args.settings))
+        logging.basicConfig(level=config.log_level.upper(),
+                            format=f"%(asctime)s worker{args.index} %(levelname)s %(name)s: %(message)s")
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run(worker_main(config, args.index, args.incarnation, args.control_fd))
+    except ConfigError as exc:  # a file changed since the supervisor's preflight read it
+        raise SystemExit(f"worker {args.index}: config error: {exc}") from exc
     sys.exit(0)
 
 

@@ -47,7 +47,8 @@ class PublicKey:
         return "nodekey:" + self.raw.hex()
 
     def short(self) -> str:
-        """The abbreviated form Tailscale logs use: `[abcde]`-like first 5 hex chars."""
+        """The key's first 8 hex characters, to name it in log lines and reprs (not Tailscale's
+        `[abcde]` ShortString, which is base64)."""
         return self.raw.hex()[:8]
 
     def __str__(self) -> str:
