@@ -5,18 +5,21 @@ The supervisor runs one AcmeManager thread; workers never talk to the CA. The fl
 1. Before workers start, `ensure_placeholder` makes sure CERTDIR/HOSTNAME.crt/.key exist: a cached
    certificate from an earlier run, one imported from derper's autocert cache (CERTDIR/HOSTNAME,
    key and chain in one PEM), or else a self-signed placeholder so the TLS port can come up.
-2. The manager waits until the plain-HTTP port (server.http_port) answers, then orders a
-   certificate with the `acme` package (certbot's client), answering HTTP-01: the key authorization
-   goes to RUN_DIR/acme-http-01/TOKEN, which every worker's HTTP port serves at
-   /.well-known/acme-challenge/TOKEN (cluster/http_port.py).
+2. The manager waits until the DERP port and the plain-HTTP port (server.http_port, if on) answer,
+   then orders a certificate with the `acme` package (certbot's client). As autocert, it prefers
+   TLS-ALPN-01 and falls back to HTTP-01 (when the plain port is on) with a new order if that
+   fails. TLS-ALPN-01: the challenge key and certificate go to RUN_DIR/acme-tls-alpn-01/NAME.pem,
+   which every worker's DERP port serves to a ClientHello offering only `acme-tls/1`
+   (cluster/tls_alpn.py). HTTP-01: the key authorization goes to RUN_DIR/acme-http-01/TOKEN,
+   which every worker's HTTP port serves at /.well-known/acme-challenge/TOKEN (cluster/http_port.py).
 3. The new key and chain are written (key first, each atomically) over CERTDIR/HOSTNAME.crt/.key;
    every worker's CertReloader hot-swaps them for new handshakes, no restart.
 4. It renews when a third of the lifetime or 30 days (autocert's RenewBefore) is left, whichever is
    sooner; failures retry with backoff, the old certificate keeps serving meanwhile.
 
-TLS-ALPN-01 is not offered: answering it needs a per-handshake certificate choice on the ALPN
-protocol, which Python's ssl module cannot make. HTTP-01 needs port 80 reachable from the CA, which
-derper's default (-http-port 80) already has.
+Python's ssl module cannot choose a certificate on the ALPN protocols offered, so the DERP port
+reads the ClientHello itself before TLS starts (cluster/client_hello.py) and picks the context.
+The CA validates TLS-ALPN-01 on port 443 and HTTP-01 on port 80 (derper's defaults).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError
+from .tls_alpn import challenge_dir as tls_alpn_challenge_dir
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -42,6 +46,7 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 ACCOUNT_KEY_FILE = "acme_account+key"
 RETRY_MIN, RETRY_MAX = 5.0, 3600.0
 CHECK_MAX = 12 * 3600.0
+TLS_ALPN_01, HTTP_01 = "tls-alpn-01", "http-01"
 
 
 def challenge_dir(config: Config) -> Path:
@@ -59,9 +64,6 @@ def preflight(config: Config) -> None:
     if _is_ip(hostname):
         raise ConfigError("server.hostname (--hostname): is an IP address; use --certmode manual for a "
                           "self-signed cert (derper's advice), letsencrypt needs a DNS name")
-    if int(config.values["server.http_port"]) < 0:
-        raise ConfigError("server.http_port (--http-port): certmode letsencrypt answers the CA's HTTP-01 "
-                          "challenge there; set it (derper's default is 80)")
     try:
         import acme  # noqa: F401
         import josepy  # noqa: F401
@@ -148,6 +150,7 @@ class AcmeManager:
         self.certdir = Path(config.values["server.certdir"])
         self.crt, self.key = manual_cert_paths(config)
         self.challenges = challenge_dir(config)
+        self.tls_challenges = tls_alpn_challenge_dir(config.run_path)
         self.directory_url = str(config.values["server.acme_directory"])
         self.email = str(config.values["server.acme_email"])
         self.ca_file = str(config.values["server.acme_ca_file"])
@@ -183,7 +186,7 @@ class AcmeManager:
                 self.stop.wait(min(wait, CHECK_MAX))
                 continue
             try:
-                self._wait_http_port()
+                self._wait_ready()
                 self.obtain()
                 backoff = RETRY_MIN
             except Exception as exc:  # keep serving the old cert; try again later
@@ -193,21 +196,31 @@ class AcmeManager:
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
 
-    def _wait_http_port(self, timeout: float = 60.0) -> None:
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the ports the CA will validate on answer: the DERP port (TLS-ALPN-01) and, when
+        there is one, the plain-HTTP port (HTTP-01)."""
         host = self.config.listen_addr[0]
         host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-        port = int(self.config.values["server.http_port"])
         deadline = time.monotonic() + timeout
+        self._wait_port(host, int(self.config.listen_addr[1]), None, deadline)
+        port = int(self.config.values["server.http_port"])
+        if port >= 0:
+            self._wait_port(host, port, b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n",
+                            deadline)
+
+    def _wait_port(self, host: str, port: int, request: bytes | None, deadline: float) -> None:
         while not self.stop.is_set():
             try:
                 with socket.create_connection((host, port), timeout=1.0) as sock:
-                    sock.sendall(b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n")
+                    if request is None:
+                        return
+                    sock.sendall(request)
                     if sock.recv(12).startswith(b"HTTP/1.1 204"):
                         return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP port {host}:{port} does not answer, so HTTP-01 cannot work")
+                raise RuntimeError(f"the port {host}:{port} does not answer, so the CA cannot validate there")
             self.stop.wait(0.2)
 
     # -- one order ----------------------------------------------------------------------------------
@@ -231,13 +244,17 @@ class AcmeManager:
             return jose.JWKEC(key=private), "ES256"
         return jose.JWKRSA(key=private), "RS256"
 
-    def obtain(self) -> None:
-        from acme import challenges, client, crypto_util, errors, messages
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from josepy import jwa
+    def challenge_types(self) -> list[str]:
+        """autocert's order of preference: TLS-ALPN-01 on the DERP port, then HTTP-01 on the plain
+        port when there is one; a failed authorization moves on to the next type with a new order."""
+        types = [TLS_ALPN_01]
+        if int(self.config.values["server.http_port"]) >= 0:
+            types.append(HTTP_01)
+        return types
 
-        from .tls import _write_atomic
+    def _client(self):  # type: ignore[no-untyped-def]
+        from acme import client, errors, messages
+        from josepy import jwa
 
         jwk, alg = self._account_key()
         net = client.ClientNetwork(jwk, alg=getattr(jwa, alg), user_agent="derp-cluster",
@@ -249,32 +266,93 @@ class AcmeManager:
             net.account = acme_client.new_account(registration)
         except errors.ConflictError as exc:  # the account exists: use it
             net.account = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
+        return acme_client, net
+
+    def order_certificate(self, csr_pem: bytes, types: list[str], profile: str | None = None) -> str:
+        """One certificate for the CSR's identifiers, answering the first of types the CA offers;
+        the full chain PEM."""
+        from acme import errors, messages
+
+        _register_tls_alpn01()
+        acme_client, net = self._client()
+        remaining = list(types)
+        while True:
+            order = acme_client.new_order(csr_pem, profile=profile)
+            written: list[Path] = []
+            try:
+                for authz in order.authorizations:
+                    if authz.body.status == messages.STATUS_VALID:
+                        continue
+                    written.append(self._answer(acme_client, net.key, authz, remaining))
+                deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
+                return str(acme_client.poll_and_finalize(order, deadline=deadline).fullchain_pem)
+            except errors.ValidationError as exc:
+                if not remaining:
+                    raise
+                log.info("ACME challenge for %s failed (%s); trying %s", self.hostname, exc, remaining[0])
+            finally:
+                for path in written:
+                    path.unlink(missing_ok=True)
+
+    def _answer(self, acme_client, account_key, authz, remaining: list[str]) -> Path:  # type: ignore[no-untyped-def]
+        """Put up the answer to the first type in remaining that authz offers (consuming the types
+        up to it) and tell the CA; the file to remove afterwards."""
+        from .tls_alpn import write_challenge
+
+        identifier = str(authz.body.identifier.value)
+        offered = {c.chall.typ: c for c in authz.body.challenges}
+        while remaining:
+            kind = remaining.pop(0)
+            chall = offered.get(kind)
+            if chall is None:
+                continue
+            key_authorization = chall.chall.key_authorization(account_key)
+            if kind == TLS_ALPN_01:
+                path = write_challenge(self.tls_challenges, identifier, key_authorization)
+            else:
+                path = self.challenges / chall.chall.encode("token")
+                path.write_text(key_authorization)
+            acme_client.answer_challenge(chall, chall.chall.response(account_key))
+            return path
+        raise RuntimeError(f"the CA offers none of the challenges we answer for {identifier} "
+                           f"(offered: {', '.join(sorted(offered))})")
+
+    def obtain(self) -> None:
+        from acme import crypto_util
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .tls import _write_atomic
+
         private = ec.generate_private_key(ec.SECP256R1())
         key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                         serialization.NoEncryption())
-        order = acme_client.new_order(crypto_util.make_csr(key_pem, [self.hostname]))
-        written: list[Path] = []
-        try:
-            for authz in order.authorizations:
-                if authz.body.status == messages.STATUS_VALID:
-                    continue
-                chall = next((c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
-                if chall is None:
-                    raise RuntimeError(f"the CA offers no http-01 challenge for {authz.body.identifier.value}")
-                response, validation = chall.response_and_validation(net.key)
-                path = self.challenges / chall.chall.encode("token")
-                path.write_text(validation)
-                written.append(path)
-                acme_client.answer_challenge(chall, response)
-            deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
-            order = acme_client.poll_and_finalize(order, deadline=deadline)
-        finally:
-            for path in written:
-                path.unlink(missing_ok=True)
+        chain = self.order_certificate(crypto_util.make_csr(key_pem, [self.hostname]), self.challenge_types())
         # key first, then the chain: a reader never sees a chain without its key next to it
         _write_atomic(self.key, key_pem, 0o600)
-        _write_atomic(self.crt, order.fullchain_pem.encode(), 0o644)
+        _write_atomic(self.crt, chain.encode(), 0o644)
         self.issued += 1
         cert = _load_leaf(self.crt)
         log.info("ACME certificate for %s installed (valid until %s); workers pick it up within seconds",
                  self.hostname, cert.not_valid_after_utc if cert is not None else "?")
+
+
+def _register_tls_alpn01() -> None:
+    """The acme package (5.x) dropped its tls-alpn-01 classes; without a registered type the CA's
+    challenge parses as UnrecognizedChallenge. The response body is `{}` like HTTP-01's."""
+    from acme import challenges
+
+    if TLS_ALPN_01 in challenges.Challenge.TYPES:
+        return
+
+    @challenges.ChallengeResponse.register
+    class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+        typ = TLS_ALPN_01
+
+    @challenges.Challenge.register
+    class TLSALPN01(challenges.KeyAuthorizationChallenge):
+        response_cls = TLSALPN01Response
+        typ = TLS_ALPN_01
+
+        def validation(self, account_key, **kwargs):  # type: ignore[no-untyped-def]
+            return self.key_authorization(account_key)

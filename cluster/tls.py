@@ -10,7 +10,9 @@
   `sha256-raw:<hex>` pin pasted into the derpMap (DERPNode.CertName) stays valid. Tailscale clients
   check that pin instead of a CA chain (and not the dates), which is how IP-only relays work.
 - letsencrypt: ACME (cluster/acme.py, run by the supervisor) writes CERTDIR/HOSTNAME.crt/.key;
-  until the first certificate arrives workers serve a placeholder, then hot-swap.
+  until the first certificate arrives workers serve a placeholder, then hot-swap. The DERP port
+  also answers TLS-ALPN-01 (cluster/tls_alpn.py): the context carries a `derp_hello_router` that
+  the HTTP protocol asks to read the ClientHello before TLS starts.
 
 Every context also carries derper's meta certificate (CN derpkey<hex server key>, serial = protocol
 version) after the chain, so Go clients learn the server key from the TLS handshake and use fast
@@ -221,6 +223,12 @@ def build_ssl_context(config: Config, server_public: bytes | None = None) -> ssl
             return None
 
         ctx.sni_callback = check_sni
+    if config.values["server.certmode"] == "letsencrypt":
+        from .tls_alpn import AlpnChallenges, challenge_dir
+
+        # the DERP port answers the CA's TLS-ALPN-01 itself, picking the context on the ClientHello
+        ctx.derp_hello_router = AlpnChallenges(  # type: ignore[attr-defined]
+            challenge_dir(config.run_path), [str(config.values["server.hostname"])])
     return ctx
 
 

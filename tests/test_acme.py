@@ -67,17 +67,17 @@ def pebble_test_certs() -> Path:
     return _gopath() / "pkg" / "mod" / f"{PEBBLE_MODULE.replace('/v2', '')}/v2@{PEBBLE_VERSION}" / "test" / "certs"
 
 
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
+def start_pebble(tmp_path: Path, *, tls_port: int | None = None) -> Iterator[dict[str, object]]:
+    """pebble on loopback; its TLS-ALPN-01 checks go to tls_port (a port nobody listens on if None)."""
     binary = pebble_binary()
     certs = pebble_test_certs()
     assert (certs / "pebble.minica.pem").exists(), f"pebble's test certs not found under {certs}"
-    acme_port, mgmt_port, http_port, tls_port = free_port(), free_port(), free_port(), free_port()
+    acme_port, mgmt_port, http_port = free_port(), free_port(), free_port()
     config = {"pebble": {
         "listenAddress": f"127.0.0.1:{acme_port}", "managementListenAddress": f"127.0.0.1:{mgmt_port}",
         "certificate": str(certs / "localhost" / "cert.pem"), "privateKey": str(certs / "localhost" / "key.pem"),
-        "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "", "externalAccountBindingRequired": False,
-        "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
+        "httpPort": http_port, "tlsPort": tls_port or free_port(), "ocspResponderURL": "",
+        "externalAccountBindingRequired": False, "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
         "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME}},
     }}
     config_file = tmp_path / "pebble.json"
@@ -111,6 +111,18 @@ def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
         log.close()
 
 
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """pebble whose TLS-ALPN-01 checks find nobody listening: a certificate comes over HTTP-01 only."""
+    yield from start_pebble(tmp_path)
+
+
+def pebble_root(pebble: dict[str, object]) -> str:
+    """The root of this pebble run, which its chains lead to."""
+    with urllib.request.urlopen(f"{pebble['mgmt']}/roots/0", context=pebble["ca"], timeout=5) as answer:
+        return str(answer.read().decode())
+
+
 def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -121,6 +133,7 @@ def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
 
 
 def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, object]) -> None:
+    """TLS-ALPN-01 (preferred, as autocert) fails here, so every order falls back to HTTP-01."""
     certdir = Path(tempfile.mkdtemp(prefix="acme-certs-"))
     node = ClusterProcess("--certmode", "letsencrypt", "--hostname", "localhost", "--certdir", str(certdir),
                           "--http-port", str(pebble["http_port"]), "--acme-directory", str(pebble["directory"]),
@@ -135,9 +148,7 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
 
             first = wait_until(issued, timeout=90, what="the ACME certificate to be served")
             # it chains to pebble's root of this run, for the name we asked for
-            with urllib.request.urlopen(f"{pebble['mgmt']}/roots/0", context=pebble["ca"], timeout=5) as answer:
-                root = answer.read().decode()
-            trust = ssl.create_default_context(cadata=root)
+            trust = ssl.create_default_context(cadata=pebble_root(pebble))
             # pebble's chain: leaf, intermediate; the root is what clients trust
             with urllib.request.urlopen(f"{pebble['mgmt']}/intermediates/0", context=pebble["ca"], timeout=5) as ans:
                 assert ans.status == 200
@@ -167,3 +178,42 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
                 served_chain_leaf(node.port, "other.example")
     finally:
         shutil.rmtree(certdir, ignore_errors=True)
+
+
+def test_letsencrypt_issues_over_tls_alpn01_alone(tmp_path: Path) -> None:
+    """The plain-HTTP port is off (-http-port -1) and pebble's HTTP-01 port has nobody behind it:
+    the certificate can only come from the DERP port answering TLS-ALPN-01 (RFC 8737)."""
+    port = free_port()
+    pebble = next(pebble_run := start_pebble(tmp_path, tls_port=port))
+    certdir = tmp_path / "certs"
+    node = ClusterProcess("--certmode", "letsencrypt", "--hostname", "localhost", "--certdir", str(certdir),
+                          "--http-port", "-1", "--acme-directory", str(pebble["directory"]),
+                          "--acme-ca-file", str(pebble["ca_file"]), port=port, workers=2)
+    try:
+        with node:
+            def issued() -> x509.Certificate | None:
+                leaf = served_chain_leaf(node.port, "localhost")
+                return leaf if leaf.issuer != leaf.subject else None
+
+            leaf = wait_until(issued, timeout=90, what="the ACME certificate to be served")
+            assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                .get_values_for_type(x509.DNSName) == ["localhost"]
+
+            # a real DERP client over the issued certificate: the ClientHello reader let it through
+            trust = ssl.create_default_context(cadata=pebble_root(pebble))
+
+            async def derp_over_tls() -> None:
+                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
+                                                  server_hostname="localhost")
+                await client.close()
+
+            asyncio.run(derp_over_tls())
+
+            # acme-tls/1 with no challenge pending: refused, as autocert refuses it
+            acme_only = ssl.create_default_context(cadata=pebble_root(pebble))
+            acme_only.set_alpn_protocols(["acme-tls/1"])
+            with socket.create_connection(("127.0.0.1", node.port), timeout=5) as raw, \
+                    pytest.raises((ssl.SSLError, OSError)):
+                acme_only.wrap_socket(raw, server_hostname="localhost")
+    finally:
+        pebble_run.close()
