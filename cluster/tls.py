@@ -224,17 +224,25 @@ def build_ssl_context(config: Config, server_public: bytes | None = None) -> ssl
 
         ctx.sni_callback = check_sni
     if config.values["server.certmode"] == "letsencrypt":
-        from .tls_alpn import AlpnChallenges, challenge_dir
+        from .ip_certs import IpCertContexts
+        from .tls_alpn import HelloRouter, challenge_dir
 
-        # the DERP port answers the CA's TLS-ALPN-01 itself, picking the context on the ClientHello
-        ctx.derp_hello_router = AlpnChallenges(  # type: ignore[attr-defined]
-            challenge_dir(config.run_path), [str(config.values["server.hostname"])])
+        # the DERP port answers the CA's TLS-ALPN-01 itself, and with -acme-ip-certs serves each
+        # local address its own certificate: both pick the context on the ClientHello
+        hostname = str(config.values["server.hostname"])
+        ip_certs = IpCertContexts(Path(config.values["server.certdir"]), config.run_path, meta) \
+            if config.values.get("server.acme_ip_certs") else None
+        ctx.derp_hello_router = HelloRouter(  # type: ignore[attr-defined]
+            challenge_dir(config.run_path), [hostname], ip_certs, ip_only=_is_ip(hostname))
     return ctx
 
 
 def check_tls_config(config: Config) -> str | None:
     """Run by the supervisor before it starts workers: raise ConfigError (one line) if the cert
     setup cannot work; return a line worth printing (the selfsigned pin), or None."""
+    if config.values.get("server.acme_ip_certs") and config.values["server.certmode"] != "letsencrypt":
+        raise ConfigError("server.acme_ip_certs (--acme-ip-certs): requires certmode letsencrypt (as derper); "
+                          "drop it or set --certmode letsencrypt")
     files = resolve_cert_files(config)
     if files is None:
         return None

@@ -10,8 +10,10 @@ Worker side: a DERP port in certmode letsencrypt reads each connection's ClientH
 starts (`HelloSniffer`, cluster/client_hello.py). A client offering exactly `acme-tls/1` for the
 hostname, while such a file exists, gets a handshake with that certificate and ALPN `acme-tls/1`,
 then the connection is closed (RFC 8737 3: nothing else is exchanged). With no pending challenge
-it is refused, as autocert refuses it. Every other ClientHello, or bytes that are not one, go on
-to the usual TLS context with every byte read, exactly as without the sniffer.
+it is refused, as autocert refuses it. With -acme-ip-certs a client connecting by IP gets the
+certificate of its connection's local address (cluster/ip_certs.py). Every other ClientHello, or
+bytes that are not one, go on to the usual TLS context with every byte read, exactly as without
+the sniffer.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import hashlib
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from .client_hello import ClientHello, ClientHelloError, ClientHelloReader
+from .ip_certs import IpCertContexts, local_ip
 
 log = logging.getLogger("cluster.tls_alpn")
 
@@ -108,12 +112,17 @@ class TlsStarter(Protocol):
         ...
 
 
-class AlpnChallenges:
-    """The worker's answer to TLS-ALPN-01 for the names it serves (attached to the DERP context)."""
+class HelloRouter:
+    """Picks a connection's TLS context from its ClientHello (attached to the DERP context in
+    certmode letsencrypt): the TLS-ALPN-01 answer for the names it serves, with -acme-ip-certs the
+    certificate of the local address for a client that connects by IP, else the usual context."""
 
-    def __init__(self, directory: Path, identifiers: list[str]) -> None:
+    def __init__(self, directory: Path, identifiers: list[str], ip_certs: IpCertContexts | None = None,
+                 *, ip_only: bool = False) -> None:
         self.directory = directory
         self.server_names = frozenset(challenge_server_name(name) for name in identifiers)
+        self.ip_certs = ip_certs
+        self.ip_only = ip_only  # an IP -hostname: there is no DNS name to serve
         self.answered = 0
         self.refused = 0
 
@@ -133,26 +142,55 @@ class AlpnChallenges:
             return None
         return ctx
 
+    def ip_context_for(self, hello: ClientHello, sockname: object) -> ssl.SSLContext | None:
+        """With -acme-ip-certs: the certificate of the connection's local address, or None to refuse
+        (a DNS name, an IP that is not this connection's, or not issued yet: then it is asked for)."""
+        asked = _ip_or_none(hello.server_name) if hello.server_name is not None else None
+        local = local_ip(sockname)
+        if self.ip_certs is None or local is None or (hello.server_name is not None and asked != local):
+            # derper: never a certificate for an address that is not this connection's, and on an
+            # IP-only node "this server only serves IP address certificates"
+            return None
+        return self.ip_certs.context_for(local, time.monotonic())
+
     def intercept(self, transport: Any, loop: asyncio.AbstractEventLoop, *, default: ssl.SSLContext,
                   app: asyncio.BaseProtocol, start_tls: TlsStarter, timeout: float) -> None:
         """Read the ClientHello on transport, then start TLS with the right context."""
         def decided(hello: ClientHello | None, early: bytes) -> None:
-            if hello is None or not offers_only_acme_tls(hello):
+            if hello is None:
                 start_tls(transport, default, app, early)
                 return
-            ctx = self.context_for(hello)
-            if ctx is None:
-                # autocert: "no token cert" fails the handshake; the relay is not for acme-tls/1
-                self.refused += 1
-                transport.close()
+            if offers_only_acme_tls(hello):
+                ctx = self.context_for(hello)
+                if ctx is None:
+                    # autocert: "no token cert" fails the handshake; the relay is not for acme-tls/1
+                    self.refused += 1
+                    transport.close()
+                    return
+                self.answered += 1
+                log.info("answering TLS-ALPN-01 for %s", hello.server_name)
+                start_tls(transport, ctx, _CloseAfterHandshake(), early)
                 return
-            self.answered += 1
-            log.info("answering TLS-ALPN-01 for %s", hello.server_name)
-            start_tls(transport, ctx, _CloseAfterHandshake(), early)
+            by_ip = hello.server_name is None or _ip_or_none(hello.server_name) is not None
+            if self.ip_certs is not None and (by_ip or self.ip_only):
+                ctx = self.ip_context_for(hello, transport.get_extra_info("sockname"))
+                if ctx is None:
+                    transport.close()  # not ours, or not issued yet (asked for): the client retries
+                    return
+                start_tls(transport, ctx, app, early)
+                return
+            start_tls(transport, default, app, early)
 
         sniffer = HelloSniffer(decided, loop, timeout)
         transport.set_protocol(sniffer)
         sniffer.connection_made(transport)
+
+
+def _ip_or_none(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
 
 class _CloseAfterHandshake(asyncio.Protocol):

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from relay_worker.client import DerpClient
+from cluster.ip_certs import SHORTLIVED_PROFILE
+from relay_worker.client import DerpClient, DerpClientError
 from tests.support import ClusterProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -67,8 +68,11 @@ def pebble_test_certs() -> Path:
     return _gopath() / "pkg" / "mod" / f"{PEBBLE_MODULE.replace('/v2', '')}/v2@{PEBBLE_VERSION}" / "test" / "certs"
 
 
-def start_pebble(tmp_path: Path, *, tls_port: int | None = None) -> Iterator[dict[str, object]]:
-    """pebble on loopback; its TLS-ALPN-01 checks go to tls_port (a port nobody listens on if None)."""
+def start_pebble(tmp_path: Path, *, tls_port: int | None = None, shortlived: bool = False
+                 ) -> Iterator[dict[str, object]]:
+    """pebble on loopback; its TLS-ALPN-01 checks go to tls_port (a port nobody listens on if None).
+    shortlived adds the profile derper's -acme-ip-certs orders (Let's Encrypt's: about six days; an
+    hour here), only where asked for: pebble gives an order that names no profile a random one."""
     binary = pebble_binary()
     certs = pebble_test_certs()
     assert (certs / "pebble.minica.pem").exists(), f"pebble's test certs not found under {certs}"
@@ -78,7 +82,9 @@ def start_pebble(tmp_path: Path, *, tls_port: int | None = None) -> Iterator[dic
         "certificate": str(certs / "localhost" / "cert.pem"), "privateKey": str(certs / "localhost" / "key.pem"),
         "httpPort": http_port, "tlsPort": tls_port or free_port(), "ocspResponderURL": "",
         "externalAccountBindingRequired": False, "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
-        "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME}},
+        "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME},
+                     **({SHORTLIVED_PROFILE: {"description": "IP certificates", "validityPeriod": 3600}}
+                        if shortlived else {})},
     }}
     config_file = tmp_path / "pebble.json"
     config_file.write_text(json.dumps(config))
@@ -123,7 +129,7 @@ def pebble_root(pebble: dict[str, object]) -> str:
         return str(answer.read().decode())
 
 
-def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
+def served_chain_leaf(port: int, server_name: str | None) -> x509.Certificate:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -215,5 +221,57 @@ def test_letsencrypt_issues_over_tls_alpn01_alone(tmp_path: Path) -> None:
             with socket.create_connection(("127.0.0.1", node.port), timeout=5) as raw, \
                     pytest.raises((ssl.SSLError, OSError)):
                 acme_only.wrap_socket(raw, server_hostname="localhost")
+    finally:
+        pebble_run.close()
+
+
+def test_acme_ip_certs_for_a_client_connecting_by_ip(tmp_path: Path) -> None:
+    """derper v1.102's -acme-ip-certs on an IP-only node: a client that connects to 127.0.0.1 (no
+    SNI) gets a certificate for that address (RFC 8738 IP identifier, the short-lived profile) over
+    HTTP-01; pebble's TLS-ALPN-01 port has nobody behind it."""
+    pebble_run = start_pebble(tmp_path, shortlived=True)
+    pebble = next(pebble_run)
+    certdir = tmp_path / "certs"
+    node = ClusterProcess("-certmode=letsencrypt", "-hostname=127.0.0.1", "-acme-ip-certs", "--certdir", str(certdir),
+                          "--http-port", str(pebble["http_port"]), "--acme-directory", str(pebble["directory"]),
+                          "--acme-ca-file", str(pebble["ca_file"]), workers=2)
+    try:
+        with node:
+            def issued() -> x509.Certificate | None:
+                try:  # refused until the certificate is there: the worker asked the supervisor for it
+                    leaf = served_chain_leaf(node.port, None)
+                except (ssl.SSLError, OSError):
+                    return None
+                return leaf if leaf.issuer != leaf.subject else None
+
+            leaf = wait_until(issued, timeout=90, interval=0.5, what="the ACME IP certificate to be served")
+            sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+            assert sans.get_values_for_type(x509.DNSName) == []
+            # the short-lived profile (an hour here), not the default one (30 s)
+            assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() > 600
+            # derper's file names in the cert dir
+            assert (certdir / "127.0.0.1.key").stat().st_mode & 0o077 == 0
+            assert (certdir / "acme-account.key").exists()
+
+            trust = ssl.create_default_context(cadata=pebble_root(pebble))
+
+            async def derp_over_tls() -> None:
+                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
+                                                  server_hostname="127.0.0.1")
+                await client.close()
+
+            def derp_works() -> bool:  # each worker picks the new pair up on its own
+                try:
+                    asyncio.run(derp_over_tls())
+                except DerpClientError:
+                    return False
+                return True
+
+            for _ in range(4):  # more than one connection: whichever worker takes it
+                wait_until(derp_works, timeout=10, interval=0.2, what="DERP over the IP certificate")
+            # an IP-only node has no certificate for a DNS name (derper: "only serves IP address certificates")
+            with pytest.raises((ssl.SSLError, OSError)):
+                served_chain_leaf(node.port, "localhost")
     finally:
         pebble_run.close()
