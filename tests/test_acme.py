@@ -138,6 +138,25 @@ def served_chain_leaf(port: int, server_name: str | None) -> x509.Certificate:
         return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
+def derp_connects(port: int, trust: ssl.SSLContext, server_hostname: str) -> None:
+    """A real DERP client over the issued certificate, on whichever worker takes each connection:
+    each worker picks a new pair up on its own, so until all have, one may still serve the old."""
+    async def derp_over_tls() -> None:
+        client = await DerpClient.connect(f"https://127.0.0.1:{port}/derp", ssl_context=trust,
+                                          server_hostname=server_hostname)
+        await client.close()
+
+    def works() -> bool:
+        try:
+            asyncio.run(derp_over_tls())
+        except DerpClientError:
+            return False
+        return True
+
+    for _ in range(4):  # more than one connection: with two workers, both get to answer
+        wait_until(works, timeout=15, interval=0.2, what="DERP over the issued certificate")
+
+
 def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, object]) -> None:
     """TLS-ALPN-01 (preferred, as autocert) fails here, so every order falls back to HTTP-01."""
     certdir = Path(tempfile.mkdtemp(prefix="acme-certs-"))
@@ -153,18 +172,11 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
                 return leaf if leaf.issuer != leaf.subject else None  # the placeholder is self-signed
 
             first = wait_until(issued, timeout=90, what="the ACME certificate to be served")
-            # it chains to pebble's root of this run, for the name we asked for
-            trust = ssl.create_default_context(cadata=pebble_root(pebble))
             # pebble's chain: leaf, intermediate; the root is what clients trust
             with urllib.request.urlopen(f"{pebble['mgmt']}/intermediates/0", context=pebble["ca"], timeout=5) as ans:
                 assert ans.status == 200
-
-            async def derp_over_tls() -> None:
-                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
-                                                  server_hostname="localhost")
-                await client.close()
-
-            asyncio.run(derp_over_tls())
+            # it chains to pebble's root of this run, for the name we asked for
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "localhost")
             sans = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
             # cached in the cert dir under derper's file names
@@ -206,14 +218,7 @@ def test_letsencrypt_issues_over_tls_alpn01_alone(tmp_path: Path) -> None:
                 .get_values_for_type(x509.DNSName) == ["localhost"]
 
             # a real DERP client over the issued certificate: the ClientHello reader let it through
-            trust = ssl.create_default_context(cadata=pebble_root(pebble))
-
-            async def derp_over_tls() -> None:
-                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
-                                                  server_hostname="localhost")
-                await client.close()
-
-            asyncio.run(derp_over_tls())
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "localhost")
 
             # acme-tls/1 with no challenge pending: refused, as autocert refuses it
             acme_only = ssl.create_default_context(cadata=pebble_root(pebble))
@@ -254,22 +259,7 @@ def test_acme_ip_certs_for_a_client_connecting_by_ip(tmp_path: Path) -> None:
             assert (certdir / "127.0.0.1.key").stat().st_mode & 0o077 == 0
             assert (certdir / "acme-account.key").exists()
 
-            trust = ssl.create_default_context(cadata=pebble_root(pebble))
-
-            async def derp_over_tls() -> None:
-                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
-                                                  server_hostname="127.0.0.1")
-                await client.close()
-
-            def derp_works() -> bool:  # each worker picks the new pair up on its own
-                try:
-                    asyncio.run(derp_over_tls())
-                except DerpClientError:
-                    return False
-                return True
-
-            for _ in range(4):  # more than one connection: whichever worker takes it
-                wait_until(derp_works, timeout=10, interval=0.2, what="DERP over the IP certificate")
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "127.0.0.1")
             # an IP-only node has no certificate for a DNS name (derper: "only serves IP address certificates")
             with pytest.raises((ssl.SSLError, OSError)):
                 served_chain_leaf(node.port, "localhost")
