@@ -5,23 +5,31 @@ The supervisor runs one AcmeManager thread; workers never talk to the CA. The fl
 1. Before workers start, `ensure_placeholder` makes sure CERTDIR/HOSTNAME.crt/.key exist: a cached
    certificate from an earlier run, one imported from derper's autocert cache (CERTDIR/HOSTNAME,
    key and chain in one PEM), or else a self-signed placeholder so the TLS port can come up.
-2. The manager waits until the plain-HTTP port (server.http_port) answers, then orders a
-   certificate with the `acme` package (certbot's client), answering HTTP-01: the key authorization
-   goes to RUN_DIR/acme-http-01/TOKEN, which every worker's HTTP port serves at
-   /.well-known/acme-challenge/TOKEN (cluster/http_port.py).
+2. The manager waits until the DERP port and the plain-HTTP port (server.http_port, if on) answer,
+   then orders a certificate with the `acme` package (certbot's client). As autocert, it prefers
+   TLS-ALPN-01 and falls back to HTTP-01 (when the plain port is on) with a new order if that
+   fails. TLS-ALPN-01: the challenge key and certificate go to RUN_DIR/acme-tls-alpn-01/NAME.pem,
+   which every worker's DERP port serves to a ClientHello offering only `acme-tls/1`
+   (cluster/tls_alpn.py). HTTP-01: the key authorization goes to RUN_DIR/acme-http-01/TOKEN,
+   which every worker's HTTP port serves at /.well-known/acme-challenge/TOKEN (cluster/http_port.py).
 3. The new key and chain are written (key first, each atomically) over CERTDIR/HOSTNAME.crt/.key;
    every worker's CertReloader hot-swaps them for new handshakes, no restart.
 4. It renews when a third of the lifetime or 30 days (autocert's RenewBefore) is left, whichever is
    sooner; failures retry with backoff, the old certificate keeps serving meanwhile.
+5. With -acme-ip-certs (derper v1.102) a second thread orders certificates for the node's IP
+   addresses as workers ask for them (cluster/ip_certs.py): RFC 8738 IP identifiers, the
+   `shortlived` profile, HTTP-01 only, as derper's ipCertManager. With an IP -hostname it is the
+   only thread (there is no DNS name to order).
 
-TLS-ALPN-01 is not offered: answering it needs a per-handshake certificate choice on the ALPN
-protocol, which Python's ssl module cannot make. HTTP-01 needs port 80 reachable from the CA, which
-derper's default (-http-port 80) already has.
+Python's ssl module cannot choose a certificate on the ALPN protocols offered, so the DERP port
+reads the ClientHello itself before TLS starts (cluster/client_hello.py) and picks the context.
+The CA validates TLS-ALPN-01 on port 443 and HTTP-01 on port 80 (derper's defaults).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import socket
 import threading
@@ -30,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError
+from .tls_alpn import challenge_dir as tls_alpn_challenge_dir
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -42,6 +51,19 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 ACCOUNT_KEY_FILE = "acme_account+key"
 RETRY_MIN, RETRY_MAX = 5.0, 3600.0
 CHECK_MAX = 12 * 3600.0
+TLS_ALPN_01, HTTP_01 = "tls-alpn-01", "http-01"
+#: how often the IP issuer looks for workers' requests; derper's backoff after a failed IP order
+IP_POLL = 1.0
+IP_RETRY_MIN, IP_RETRY_MAX = 60.0, 1800.0
+_GENERATE_204 = b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _is_ip(name: str) -> bool:
+    from .tls import _is_ip as is_ip
+
+    return is_ip(name)
 
 
 def challenge_dir(config: Config) -> Path:
@@ -50,18 +72,17 @@ def challenge_dir(config: Config) -> Path:
 
 def preflight(config: Config) -> None:
     """Settings letsencrypt cannot work without, as one line each (the supervisor calls this)."""
-    from .tls import _is_ip
-
     hostname = str(config.values["server.hostname"])
     if not hostname:
         raise ConfigError("server.hostname (--hostname / -hostname / DERP_DOMAIN): certmode letsencrypt needs "
                           "the DNS name to get a certificate for")
-    if _is_ip(hostname):
+    ip_certs = bool(config.values.get("server.acme_ip_certs"))
+    if _is_ip(hostname) and not ip_certs:
         raise ConfigError("server.hostname (--hostname): is an IP address; use --certmode manual for a "
-                          "self-signed cert (derper's advice), letsencrypt needs a DNS name")
-    if int(config.values["server.http_port"]) < 0:
-        raise ConfigError("server.http_port (--http-port): certmode letsencrypt answers the CA's HTTP-01 "
-                          "challenge there; set it (derper's default is 80)")
+                          "self-signed cert, or set --acme-ip-certs for Let's Encrypt IP certs (derper's advice)")
+    if ip_certs and int(config.values["server.http_port"]) < 0:
+        raise ConfigError("server.http_port (--http-port): --acme-ip-certs answers the CA's HTTP-01 challenge "
+                          "there; set it (derper's default is 80)")
     try:
         import acme  # noqa: F401
         import josepy  # noqa: F401
@@ -148,24 +169,34 @@ class AcmeManager:
         self.certdir = Path(config.values["server.certdir"])
         self.crt, self.key = manual_cert_paths(config)
         self.challenges = challenge_dir(config)
+        self.tls_challenges = tls_alpn_challenge_dir(config.run_path)
         self.directory_url = str(config.values["server.acme_directory"])
         self.email = str(config.values["server.acme_email"])
         self.ca_file = str(config.values["server.acme_ca_file"])
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.ip_certs = bool(config.values.get("server.acme_ip_certs"))
+        self.ip_only = _is_ip(self.hostname)  # an IP -hostname: IP certificates only
+        self.ip_thread: threading.Thread | None = None
+        self.ip_issued = 0
         self.issued = 0
         self.failures = 0
         self.last_error = ""
 
     def start(self) -> None:
         self.challenges.mkdir(parents=True, exist_ok=True)
-        self.thread = threading.Thread(target=self._run, name="acme", daemon=True)
-        self.thread.start()
+        if not self.ip_only:
+            self.thread = threading.Thread(target=self._run, name="acme", daemon=True)
+            self.thread.start()
+        if self.ip_certs:
+            self.ip_thread = threading.Thread(target=self._run_ip_certs, name="acme-ip", daemon=True)
+            self.ip_thread.start()
 
     def close(self) -> None:
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(5)
+        for thread in (self.thread, self.ip_thread):
+            if thread is not None:
+                thread.join(5)
 
     def due(self) -> float:
         """Seconds until the certificate on disk should be replaced (0 = now)."""
@@ -183,7 +214,7 @@ class AcmeManager:
                 self.stop.wait(min(wait, CHECK_MAX))
                 continue
             try:
-                self._wait_http_port()
+                self._wait_ready()
                 self.obtain()
                 backoff = RETRY_MIN
             except Exception as exc:  # keep serving the old cert; try again later
@@ -193,33 +224,42 @@ class AcmeManager:
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
 
-    def _wait_http_port(self, timeout: float = 60.0) -> None:
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the ports the CA will validate on answer: the DERP port (TLS-ALPN-01) and, when
+        there is one, the plain-HTTP port (HTTP-01)."""
         host = self.config.listen_addr[0]
         host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-        port = int(self.config.values["server.http_port"])
         deadline = time.monotonic() + timeout
+        self._wait_port(host, int(self.config.listen_addr[1]), None, deadline)
+        port = int(self.config.values["server.http_port"])
+        if port >= 0:
+            self._wait_port(host, port, _GENERATE_204, deadline)
+
+    def _wait_port(self, host: str, port: int, request: bytes | None, deadline: float) -> None:
         while not self.stop.is_set():
             try:
                 with socket.create_connection((host, port), timeout=1.0) as sock:
-                    sock.sendall(b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n")
+                    if request is None:
+                        return
+                    sock.sendall(request)
                     if sock.recv(12).startswith(b"HTTP/1.1 204"):
                         return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP port {host}:{port} does not answer, so HTTP-01 cannot work")
+                raise RuntimeError(f"the port {host}:{port} does not answer, so the CA cannot validate there")
             self.stop.wait(0.2)
 
     # -- one order ----------------------------------------------------------------------------------
 
-    def _account_key(self):  # type: ignore[no-untyped-def]
+    def _account_key(self, filename: str):  # type: ignore[no-untyped-def]
         import josepy as jose
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
         from .tls import _write_atomic
 
-        path = self.certdir / ACCOUNT_KEY_FILE
+        path = self.certdir / filename
         try:
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError):
@@ -231,17 +271,22 @@ class AcmeManager:
             return jose.JWKEC(key=private), "ES256"
         return jose.JWKRSA(key=private), "RS256"
 
-    def obtain(self) -> None:
-        from acme import challenges, client, crypto_util, errors, messages
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
+    def challenge_types(self) -> list[str]:
+        """autocert's order of preference: TLS-ALPN-01 on the DERP port, then HTTP-01 on the plain
+        port when there is one; a failed authorization moves on to the next type with a new order."""
+        types = [TLS_ALPN_01]
+        if int(self.config.values["server.http_port"]) >= 0:
+            types.append(HTTP_01)
+        return types
+
+    def _client(self, account_file: str):  # type: ignore[no-untyped-def]
+        from acme import client, errors, messages
         from josepy import jwa
 
-        from .tls import _write_atomic
-
-        jwk, alg = self._account_key()
+        jwk, alg = self._account_key(account_file)
         net = client.ClientNetwork(jwk, alg=getattr(jwa, alg), user_agent="derp-cluster",
-                                   verify_ssl=self.ca_file or True)
+                                   # requests takes a CA bundle's path there too
+                                   verify_ssl=self.ca_file or True)  # type: ignore[arg-type]
         directory = client.ClientV2.get_directory(self.directory_url, net)
         acme_client = client.ClientV2(directory, net=net)
         registration = messages.NewRegistration.from_data(email=self.email or None, terms_of_service_agreed=True)
@@ -249,32 +294,152 @@ class AcmeManager:
             net.account = acme_client.new_account(registration)
         except errors.ConflictError as exc:  # the account exists: use it
             net.account = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
+        return acme_client, net
+
+    def order_certificate(self, csr_pem: bytes, types: list[str], *, profile: str | None = None,
+                          account_file: str = ACCOUNT_KEY_FILE) -> str:
+        """One certificate for the CSR's identifiers, answering the first of types the CA offers;
+        the full chain PEM."""
+        from acme import errors, messages
+
+        _register_tls_alpn01()
+        acme_client, net = self._client(account_file)
+        remaining = list(types)
+        while True:
+            order = acme_client.new_order(csr_pem, profile=profile)
+            written: list[Path] = []
+            try:
+                for authz in order.authorizations:
+                    if authz.body.status == messages.STATUS_VALID:
+                        continue
+                    written.append(self._answer(acme_client, net.key, authz, remaining))
+                deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
+                return str(acme_client.poll_and_finalize(order, deadline=deadline).fullchain_pem)
+            except errors.ValidationError as exc:
+                if not remaining:
+                    raise
+                log.info("ACME challenge for %s failed (%s); trying %s", self.hostname, exc, remaining[0])
+            finally:
+                for path in written:
+                    path.unlink(missing_ok=True)
+
+    def _answer(self, acme_client, account_key, authz, remaining: list[str]) -> Path:  # type: ignore[no-untyped-def]
+        """Put up the answer to the first type in remaining that authz offers (consuming the types
+        up to it) and tell the CA; the file to remove afterwards."""
+        from .tls_alpn import write_challenge
+
+        identifier = str(authz.body.identifier.value)
+        offered = {c.chall.typ: c for c in authz.body.challenges}
+        while remaining:
+            kind = remaining.pop(0)
+            chall = offered.get(kind)
+            if chall is None:
+                continue
+            key_authorization = chall.chall.key_authorization(account_key)
+            if kind == TLS_ALPN_01:
+                path = write_challenge(self.tls_challenges, identifier, key_authorization)
+            else:
+                path = self.challenges / chall.chall.encode("token")
+                path.write_text(key_authorization)
+            acme_client.answer_challenge(chall, chall.chall.response(account_key))
+            return path
+        raise RuntimeError(f"the CA offers none of the challenges we answer for {identifier} "
+                           f"(offered: {', '.join(sorted(offered))})")
+
+    def obtain(self) -> None:
+        from acme import crypto_util
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .tls import _write_atomic
+
         private = ec.generate_private_key(ec.SECP256R1())
         key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                         serialization.NoEncryption())
-        order = acme_client.new_order(crypto_util.make_csr(key_pem, [self.hostname]))
-        written: list[Path] = []
-        try:
-            for authz in order.authorizations:
-                if authz.body.status == messages.STATUS_VALID:
-                    continue
-                chall = next((c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
-                if chall is None:
-                    raise RuntimeError(f"the CA offers no http-01 challenge for {authz.body.identifier.value}")
-                response, validation = chall.response_and_validation(net.key)
-                path = self.challenges / chall.chall.encode("token")
-                path.write_text(validation)
-                written.append(path)
-                acme_client.answer_challenge(chall, response)
-            deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
-            order = acme_client.poll_and_finalize(order, deadline=deadline)
-        finally:
-            for path in written:
-                path.unlink(missing_ok=True)
+        chain = self.order_certificate(crypto_util.make_csr(key_pem, [self.hostname]), self.challenge_types())
         # key first, then the chain: a reader never sees a chain without its key next to it
         _write_atomic(self.key, key_pem, 0o600)
-        _write_atomic(self.crt, order.fullchain_pem.encode(), 0o644)
+        _write_atomic(self.crt, chain.encode(), 0o644)
         self.issued += 1
         cert = _load_leaf(self.crt)
         log.info("ACME certificate for %s installed (valid until %s); workers pick it up within seconds",
                  self.hostname, cert.not_valid_after_utc if cert is not None else "?")
+
+
+    # -- -acme-ip-certs -----------------------------------------------------------------------------
+
+    def _run_ip_certs(self) -> None:
+        """Order what workers ask for (cluster/ip_certs.py), one address at a time, each with
+        derper's backoff after a failure (1 minute, doubling to 30)."""
+        from .ip_certs import read_wanted
+
+        retry: dict[IPAddress, tuple[float, float]] = {}  # address -> (not before, next delay)
+        while not self.stop.wait(IP_POLL):
+            for ip in read_wanted(self.config.run_path):
+                not_before, delay = retry.get(ip, (0.0, IP_RETRY_MIN))
+                if time.monotonic() < not_before or self.stop.is_set():
+                    continue
+                try:
+                    self.obtain_ip(ip)
+                    retry.pop(ip, None)
+                except Exception as exc:  # the next request after the backoff tries again
+                    self.failures += 1
+                    self.last_error = str(exc)
+                    log.warning("ACME certificate for IP %s failed (%s); next attempt in %.0fs", ip, exc, delay)
+                    retry[ip] = (time.monotonic() + delay, min(delay * 2, IP_RETRY_MAX))
+
+    def obtain_ip(self, ip: IPAddress) -> None:
+        """derper's ipCertManager.issue: a still-fresh cached pair is kept, else a short-lived
+        certificate for the IP identifier over HTTP-01."""
+        from acme import crypto_util
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .ip_certs import IP_ACCOUNT_KEY_FILE, SHORTLIVED_PROFILE, cert_paths, forget_wanted, needs_renewal
+        from .tls import _write_atomic
+
+        crt, key = cert_paths(self.certdir, ip)
+        cached = _load_leaf(crt)
+        now = datetime.datetime.now(datetime.UTC)
+        if cached is not None and not is_placeholder(cached) and cached.not_valid_before_utc <= now and \
+                not needs_renewal(cached.not_valid_before_utc, cached.not_valid_after_utc, now):
+            forget_wanted(self.config.run_path, ip)
+            return
+        host = self.config.listen_addr[0]
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+        self._wait_port(host, int(self.config.values["server.http_port"]), _GENERATE_204,
+                        time.monotonic() + 60)
+        private = ec.generate_private_key(ec.SECP256R1())
+        key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption())
+        csr = crypto_util.make_csr(key_pem, ipaddrs=[ip])
+        chain = self.order_certificate(csr, [HTTP_01], profile=SHORTLIVED_PROFILE, account_file=IP_ACCOUNT_KEY_FILE)
+        _write_atomic(key, key_pem, 0o600)
+        _write_atomic(crt, chain.encode(), 0o644)
+        forget_wanted(self.config.run_path, ip)
+        self.ip_issued += 1
+        leaf = _load_leaf(crt)
+        log.info("ACME certificate for IP %s installed (valid until %s); in the derpMap: "
+                 "{\"HostName\": \"%s\"} needs no CertName", ip,
+                 leaf.not_valid_after_utc if leaf is not None else "?", ip)
+
+
+def _register_tls_alpn01() -> None:
+    """The acme package (5.x) dropped its tls-alpn-01 classes; without a registered type the CA's
+    challenge parses as UnrecognizedChallenge. The response body is `{}` like HTTP-01's."""
+    from acme import challenges
+
+    if TLS_ALPN_01 in challenges.Challenge.TYPES:
+        return
+
+    @challenges.ChallengeResponse.register
+    class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+        typ = TLS_ALPN_01
+
+    @challenges.Challenge.register
+    class TLSALPN01(challenges.KeyAuthorizationChallenge):
+        response_cls = TLSALPN01Response
+        typ = TLS_ALPN_01
+
+        def validation(self, account_key, **kwargs):  # type: ignore[no-untyped-def]
+            return self.key_authorization(account_key)

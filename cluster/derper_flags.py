@@ -45,7 +45,7 @@ DERPER_FLAGS: tuple[DerperFlag, ...] = (
     DerperFlag("acme-eab-kid", None, note="only for -certmode gcp, which is not supported"),
     DerperFlag("acme-eab-key", None, note="only for -certmode gcp, which is not supported"),
     DerperFlag("acme-email", "server.acme_email"),
-    DerperFlag("acme-ip-certs", None, True, "not supported; -certmode manual makes a self-signed IP cert"),
+    DerperFlag("acme-ip-certs", "server.acme_ip_certs", True),
     DerperFlag("stun", "stun.enabled", True),
     DerperFlag("derp", "server.derp", True),
     DerperFlag("home", "server.home"),
@@ -174,10 +174,6 @@ def split_derper_args(argv: list[str], *, derper_mode: bool) -> Parsed:
         elif flag.name == "ace":
             if on:
                 raise ConfigError("-ace: derper's experimental ACE (CONNECT) server is not supported; drop -ace")
-        elif flag.name == "acme-ip-certs":
-            if on:
-                raise ConfigError("-acme-ip-certs: IP certificates from Let's Encrypt are not supported; "
-                                  "use -certmode manual with an IP -hostname (a self-signed cert is created)")
         elif flag.name == "secrets-url":
             if value:
                 raise ConfigError("-secrets-url: setec is not supported; put the mesh key in a file "

@@ -10,7 +10,9 @@
   `sha256-raw:<hex>` pin pasted into the derpMap (DERPNode.CertName) stays valid. Tailscale clients
   check that pin instead of a CA chain (and not the dates), which is how IP-only relays work.
 - letsencrypt: ACME (cluster/acme.py, run by the supervisor) writes CERTDIR/HOSTNAME.crt/.key;
-  until the first certificate arrives workers serve a placeholder, then hot-swap.
+  until the first certificate arrives workers serve a placeholder, then hot-swap. The DERP port
+  also answers TLS-ALPN-01 (cluster/tls_alpn.py): the context carries a `derp_hello_router` that
+  the HTTP protocol asks to read the ClientHello before TLS starts.
 
 Every context also carries derper's meta certificate (CN derpkey<hex server key>, serial = protocol
 version) after the chain, so Go clients learn the server key from the TLS handshake and use fast
@@ -221,12 +223,26 @@ def build_ssl_context(config: Config, server_public: bytes | None = None) -> ssl
             return None
 
         ctx.sni_callback = check_sni
+    if config.values["server.certmode"] == "letsencrypt":
+        from .ip_certs import IpCertContexts
+        from .tls_alpn import HelloRouter, challenge_dir
+
+        # the DERP port answers the CA's TLS-ALPN-01 itself, and with -acme-ip-certs serves each
+        # local address its own certificate: both pick the context on the ClientHello
+        hostname = str(config.values["server.hostname"])
+        ip_certs = IpCertContexts(Path(config.values["server.certdir"]), config.run_path, meta) \
+            if config.values.get("server.acme_ip_certs") else None
+        ctx.derp_hello_router = HelloRouter(  # type: ignore[attr-defined]
+            challenge_dir(config.run_path), [hostname], ip_certs, ip_only=_is_ip(hostname))
     return ctx
 
 
 def check_tls_config(config: Config) -> str | None:
     """Run by the supervisor before it starts workers: raise ConfigError (one line) if the cert
     setup cannot work; return a line worth printing (the selfsigned pin), or None."""
+    if config.values.get("server.acme_ip_certs") and config.values["server.certmode"] != "letsencrypt":
+        raise ConfigError("server.acme_ip_certs (--acme-ip-certs): requires certmode letsencrypt (as derper); "
+                          "drop it or set --certmode letsencrypt")
     files = resolve_cert_files(config)
     if files is None:
         return None

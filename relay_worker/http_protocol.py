@@ -85,6 +85,18 @@ def _tls_protocol_class(loop: Any) -> Any:
     return sslproto.SSLProtocol
 
 
+def _replay(protocol: Any, data: bytes) -> None:
+    """Hand bytes already read (the ClientHello the sniffer read) to the TLS protocol, as the
+    transport would have: asyncio's and uvloop's SSLProtocol are buffered protocols."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        count = min(len(buffer), len(view))
+        buffer[:count] = view[:count]
+        protocol.buffer_updated(count)
+        view = view[count:]
+
+
 def classify_upgrade(headers: list[tuple[bytes, bytes]]) -> str:
     """What derper's /derp handler does with these headers: "ws", "derp", or "" (a 426).
 
@@ -143,13 +155,24 @@ class DerpHttpProtocol(HttpToolsProtocol):
                 # the loop's own TLS protocol goes between the socket and this one, as
                 # create_server(ssl=) would have put it, and calls connection_made again with the
                 # TLS transport once the handshake is done. derper's ReadTimeout bounds the handshake.
-                tls = _tls_protocol_class(self.loop)(self.loop, self, self.tls_context, None, server_side=True,
-                                                     ssl_handshake_timeout=self.read_timeout)
-                transport.set_protocol(tls)
-                tls.connection_made(transport)
+                challenges = getattr(self.tls_context, "derp_hello_router", None)
+                if challenges is not None:
+                    # certmode letsencrypt: the ClientHello picks the context (TLS-ALPN-01, cluster/tls_alpn.py)
+                    challenges.intercept(transport, self.loop, default=self.tls_context, app=self,
+                                         start_tls=self._start_tls, timeout=self.read_timeout)
+                    return
+                self._start_tls(transport, self.tls_context, self, b"")
                 return
         super().connection_made(transport)
         self._arm(self.read_timeout)
+
+    def _start_tls(self, transport: Any, context: Any, app: Any, early: bytes) -> None:
+        tls = _tls_protocol_class(self.loop)(self.loop, app, context, None, server_side=True,
+                                             ssl_handshake_timeout=self.read_timeout)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        if early:
+            _replay(tls, early)
 
     def _count(self, field: str) -> None:
         relay = self.relay

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from relay_worker.client import DerpClient
+from cluster.ip_certs import SHORTLIVED_PROFILE
+from relay_worker.client import DerpClient, DerpClientError
 from tests.support import ClusterProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -67,18 +68,23 @@ def pebble_test_certs() -> Path:
     return _gopath() / "pkg" / "mod" / f"{PEBBLE_MODULE.replace('/v2', '')}/v2@{PEBBLE_VERSION}" / "test" / "certs"
 
 
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
+def start_pebble(tmp_path: Path, *, tls_port: int | None = None, shortlived: bool = False
+                 ) -> Iterator[dict[str, object]]:
+    """pebble on loopback; its TLS-ALPN-01 checks go to tls_port (a port nobody listens on if None).
+    shortlived adds the profile derper's -acme-ip-certs orders (Let's Encrypt's: about six days; an
+    hour here), only where asked for: pebble gives an order that names no profile a random one."""
     binary = pebble_binary()
     certs = pebble_test_certs()
     assert (certs / "pebble.minica.pem").exists(), f"pebble's test certs not found under {certs}"
-    acme_port, mgmt_port, http_port, tls_port = free_port(), free_port(), free_port(), free_port()
+    acme_port, mgmt_port, http_port = free_port(), free_port(), free_port()
     config = {"pebble": {
         "listenAddress": f"127.0.0.1:{acme_port}", "managementListenAddress": f"127.0.0.1:{mgmt_port}",
         "certificate": str(certs / "localhost" / "cert.pem"), "privateKey": str(certs / "localhost" / "key.pem"),
-        "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "", "externalAccountBindingRequired": False,
-        "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
-        "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME}},
+        "httpPort": http_port, "tlsPort": tls_port or free_port(), "ocspResponderURL": "",
+        "externalAccountBindingRequired": False, "retryAfter": {"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
+        "profiles": {"default": {"description": "short, for the renewal test", "validityPeriod": CERT_LIFETIME},
+                     **({SHORTLIVED_PROFILE: {"description": "IP certificates", "validityPeriod": 3600}}
+                        if shortlived else {})},
     }}
     config_file = tmp_path / "pebble.json"
     config_file.write_text(json.dumps(config))
@@ -111,7 +117,19 @@ def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
         log.close()
 
 
-def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """pebble whose TLS-ALPN-01 checks find nobody listening: a certificate comes over HTTP-01 only."""
+    yield from start_pebble(tmp_path)
+
+
+def pebble_root(pebble: dict[str, object]) -> str:
+    """The root of this pebble run, which its chains lead to."""
+    with urllib.request.urlopen(f"{pebble['mgmt']}/roots/0", context=pebble["ca"], timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def served_chain_leaf(port: int, server_name: str | None) -> x509.Certificate:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -120,7 +138,27 @@ def served_chain_leaf(port: int, server_name: str) -> x509.Certificate:
         return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
+def derp_connects(port: int, trust: ssl.SSLContext, server_hostname: str) -> None:
+    """A real DERP client over the issued certificate, on whichever worker takes each connection:
+    each worker picks a new pair up on its own, so until all have, one may still serve the old."""
+    async def derp_over_tls() -> None:
+        client = await DerpClient.connect(f"https://127.0.0.1:{port}/derp", ssl_context=trust,
+                                          server_hostname=server_hostname)
+        await client.close()
+
+    def works() -> bool:
+        try:
+            asyncio.run(derp_over_tls())
+        except DerpClientError:
+            return False
+        return True
+
+    for _ in range(4):  # more than one connection: with two workers, both get to answer
+        wait_until(works, timeout=15, interval=0.2, what="DERP over the issued certificate")
+
+
 def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, object]) -> None:
+    """TLS-ALPN-01 (preferred, as autocert) fails here, so every order falls back to HTTP-01."""
     certdir = Path(tempfile.mkdtemp(prefix="acme-certs-"))
     node = ClusterProcess("--certmode", "letsencrypt", "--hostname", "localhost", "--certdir", str(certdir),
                           "--http-port", str(pebble["http_port"]), "--acme-directory", str(pebble["directory"]),
@@ -134,20 +172,11 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
                 return leaf if leaf.issuer != leaf.subject else None  # the placeholder is self-signed
 
             first = wait_until(issued, timeout=90, what="the ACME certificate to be served")
-            # it chains to pebble's root of this run, for the name we asked for
-            with urllib.request.urlopen(f"{pebble['mgmt']}/roots/0", context=pebble["ca"], timeout=5) as answer:
-                root = answer.read().decode()
-            trust = ssl.create_default_context(cadata=root)
             # pebble's chain: leaf, intermediate; the root is what clients trust
             with urllib.request.urlopen(f"{pebble['mgmt']}/intermediates/0", context=pebble["ca"], timeout=5) as ans:
                 assert ans.status == 200
-
-            async def derp_over_tls() -> None:
-                client = await DerpClient.connect(f"https://127.0.0.1:{node.port}/derp", ssl_context=trust,
-                                                  server_hostname="localhost")
-                await client.close()
-
-            asyncio.run(derp_over_tls())
+            # it chains to pebble's root of this run, for the name we asked for
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "localhost")
             sans = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
             # cached in the cert dir under derper's file names
@@ -167,3 +196,72 @@ def test_letsencrypt_issues_over_http01_renews_and_hot_swaps(pebble: dict[str, o
                 served_chain_leaf(node.port, "other.example")
     finally:
         shutil.rmtree(certdir, ignore_errors=True)
+
+
+def test_letsencrypt_issues_over_tls_alpn01_alone(tmp_path: Path) -> None:
+    """The plain-HTTP port is off (-http-port -1) and pebble's HTTP-01 port has nobody behind it:
+    the certificate can only come from the DERP port answering TLS-ALPN-01 (RFC 8737)."""
+    port = free_port()
+    pebble = next(pebble_run := start_pebble(tmp_path, tls_port=port))
+    certdir = tmp_path / "certs"
+    node = ClusterProcess("--certmode", "letsencrypt", "--hostname", "localhost", "--certdir", str(certdir),
+                          "--http-port", "-1", "--acme-directory", str(pebble["directory"]),
+                          "--acme-ca-file", str(pebble["ca_file"]), port=port, workers=2)
+    try:
+        with node:
+            def issued() -> x509.Certificate | None:
+                leaf = served_chain_leaf(node.port, "localhost")
+                return leaf if leaf.issuer != leaf.subject else None
+
+            leaf = wait_until(issued, timeout=90, what="the ACME certificate to be served")
+            assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                .get_values_for_type(x509.DNSName) == ["localhost"]
+
+            # a real DERP client over the issued certificate: the ClientHello reader let it through
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "localhost")
+
+            # acme-tls/1 with no challenge pending: refused, as autocert refuses it
+            acme_only = ssl.create_default_context(cadata=pebble_root(pebble))
+            acme_only.set_alpn_protocols(["acme-tls/1"])
+            with socket.create_connection(("127.0.0.1", node.port), timeout=5) as raw, \
+                    pytest.raises((ssl.SSLError, OSError)):
+                acme_only.wrap_socket(raw, server_hostname="localhost")
+    finally:
+        pebble_run.close()
+
+
+def test_acme_ip_certs_for_a_client_connecting_by_ip(tmp_path: Path) -> None:
+    """derper v1.102's -acme-ip-certs on an IP-only node: a client that connects to 127.0.0.1 (no
+    SNI) gets a certificate for that address (RFC 8738 IP identifier, the short-lived profile) over
+    HTTP-01; pebble's TLS-ALPN-01 port has nobody behind it."""
+    pebble_run = start_pebble(tmp_path, shortlived=True)
+    pebble = next(pebble_run)
+    certdir = tmp_path / "certs"
+    node = ClusterProcess("-certmode=letsencrypt", "-hostname=127.0.0.1", "-acme-ip-certs", "--certdir", str(certdir),
+                          "--http-port", str(pebble["http_port"]), "--acme-directory", str(pebble["directory"]),
+                          "--acme-ca-file", str(pebble["ca_file"]), workers=2)
+    try:
+        with node:
+            def issued() -> x509.Certificate | None:
+                try:  # refused until the certificate is there: the worker asked the supervisor for it
+                    leaf = served_chain_leaf(node.port, None)
+                except (ssl.SSLError, OSError):
+                    return None
+                return leaf if leaf.issuer != leaf.subject else None
+
+            leaf = wait_until(issued, timeout=90, interval=0.5, what="the ACME IP certificate to be served")
+            sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+            assert sans.get_values_for_type(x509.DNSName) == []
+            # the short-lived profile (an hour here), not the default one (30 s)
+            assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() > 600
+            # derper's file names in the cert dir
+            assert (certdir / "127.0.0.1.key").stat().st_mode & 0o077 == 0
+            assert (certdir / "acme-account.key").exists()
+
+            derp_connects(node.port, ssl.create_default_context(cadata=pebble_root(pebble)), "127.0.0.1")
+            # an IP-only node has no certificate for a DNS name (derper: "only serves IP address certificates")
+            with pytest.raises((ssl.SSLError, OSError)):
+                served_chain_leaf(node.port, "localhost")
+    finally:
+        pebble_run.close()

@@ -235,7 +235,8 @@ def async_check(url: str, server_key: PrivateKey) -> None:
     (["-c", "/etc/hostname"], "server.key_file"),  # exists, is not derper's key JSON
     (["-home=gopher://x"], "-home"),
     (["-certmode=letsencrypt", "-hostname=203.0.113.9", "-http-port=8080"], "server.hostname"),
-    (["-certmode=letsencrypt", "-hostname=derp.example.com", "-http-port=-1"], "server.http_port"),
+    (["-certmode=manual", "-hostname=127.0.0.1", "-acme-ip-certs"], "server.acme_ip_certs"),
+    (["-certmode=letsencrypt", "-hostname=203.0.113.9", "-acme-ip-certs", "-http-port=-1"], "server.http_port"),
 ])
 def test_bad_values_exit_2_with_one_line(args: list[str], named: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen",
