@@ -29,7 +29,6 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,10 +272,7 @@ def mesh_pairs(targets: list[Target]) -> list[tuple[Target, Target]]:
 
 # -- certificates ----------------------------------------------------------------------------------
 # The standard library verifies chains but only describes a certificate it has verified; with a
-# `sha256-raw:` pin or InsecureForTests we still want its names and dates, so read those from the DER.
-
-_OID_COMMON_NAME = bytes([0x55, 0x04, 0x03])  # 2.5.4.3
-_OID_SUBJECT_ALT_NAME = bytes([0x55, 0x1D, 0x11])  # 2.5.29.17
+# `sha256-raw:` pin or InsecureForTests we still want its names and dates, so cryptography reads them.
 
 
 @dataclass
@@ -289,76 +285,27 @@ class CertInfo:
     sha256: str
 
 
-def _der_items(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
-    """(tag, content start, content end) of each TLV in data[start:end]."""
-    end = len(data) if end is None else end
-    pos = start
-    while pos < end:
-        if pos + 2 > end:
-            raise ValueError("truncated DER header")
-        tag, length = data[pos], data[pos + 1]
-        pos += 2
-        if length & 0x80:
-            count = length & 0x7F
-            if not 1 <= count <= 4 or pos + count > end:
-                raise ValueError("bad DER length")
-            length = int.from_bytes(data[pos:pos + count], "big")
-            pos += count
-        if pos + length > end:
-            raise ValueError("truncated DER value")
-        yield tag, pos, pos + length
-        pos += length
-
-
-def _der_time(tag: int, raw: bytes) -> dt.datetime:
-    text = raw.decode("ascii")
-    if tag == 0x17:  # UTCTime: two-digit year, 50..99 meaning 19xx (RFC 5280 4.1.2.5.1)
-        parsed = dt.datetime.strptime(text, "%y%m%d%H%M%SZ")
-        if parsed.year >= 2050:
-            parsed = parsed.replace(year=parsed.year - 100)
-    elif tag == 0x18:
-        parsed = dt.datetime.strptime(text, "%Y%m%d%H%M%SZ")
-    else:
-        raise ValueError(f"unexpected time tag 0x{tag:02x}")
-    return parsed.replace(tzinfo=dt.UTC)
-
-
 def parse_certificate(der: bytes) -> CertInfo:
     """Validity, subjectAltName DNS/IP entries and CN of an X.509 certificate. Raises ValueError."""
-    _, cert_start, cert_end = next(_der_items(der))
-    _, tbs_start, tbs_end = next(_der_items(der, cert_start, cert_end))
-    fields = list(_der_items(der, tbs_start, tbs_end))
-    i = 1 if fields and fields[0][0] == 0xA0 else 0  # optional [0] version
-    if len(fields) < i + 6:
-        raise ValueError("certificate has too few fields")
-    _, v_start, v_end = fields[i + 3]
-    (tag_nb, nb_start, nb_end), (tag_na, na_start, na_end) = list(_der_items(der, v_start, v_end))[:2]
-    common_name = ""
-    _, s_start, s_end = fields[i + 4]
-    for _, set_start, set_end in _der_items(der, s_start, s_end):
-        for _, atv_start, atv_end in _der_items(der, set_start, set_end):
-            (_, oid_start, oid_end), (_, val_start, val_end) = list(_der_items(der, atv_start, atv_end))[:2]
-            if der[oid_start:oid_end] == _OID_COMMON_NAME:
-                common_name = der[val_start:val_end].decode("utf-8", "replace")
-    dns_names: list[str] = []
-    ips: list[str] = []
-    for tag, f_start, f_end in fields[i + 6:]:
-        if tag != 0xA3:  # [3] extensions
-            continue
-        _, exts_start, exts_end = next(_der_items(der, f_start, f_end))
-        for _, ext_start, ext_end in _der_items(der, exts_start, exts_end):
-            parts = list(_der_items(der, ext_start, ext_end))
-            if der[parts[0][1]:parts[0][2]] != _OID_SUBJECT_ALT_NAME:
-                continue
-            _, octets_start, octets_end = parts[-1]
-            _, names_start, names_end = next(_der_items(der, octets_start, octets_end))
-            for gn_tag, gn_start, gn_end in _der_items(der, names_start, names_end):
-                if gn_tag == 0x82:  # [2] dNSName
-                    dns_names.append(der[gn_start:gn_end].decode("ascii", "replace"))
-                elif gn_tag == 0x87:  # [7] iPAddress, 4 or 16 octets
-                    ips.append(str(ipaddress.ip_address(der[gn_start:gn_end])))
-    return CertInfo(_der_time(tag_nb, der[nb_start:nb_end]), _der_time(tag_na, der[na_start:na_end]),
-                    dns_names, ips, common_name, hashlib.sha256(der).hexdigest())
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        dns_names, ips = [], []
+    except x509.DuplicateExtension as exc:
+        raise ValueError(f"certificate has two {exc.oid.dotted_string} extensions") from exc
+    else:
+        dns_names = list(san.get_values_for_type(x509.DNSName))
+        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    common_names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = common_names[-1].value if common_names else ""
+    if isinstance(common_name, bytes):
+        common_name = common_name.decode("utf-8", "replace")
+    return CertInfo(cert.not_valid_before_utc, cert.not_valid_after_utc, dns_names, ips, common_name,
+                    hashlib.sha256(der).hexdigest())
 
 
 def name_matches(cert: CertInfo, name: str) -> bool:
@@ -485,7 +432,7 @@ async def check_tls(target: Target, options: ProbeOptions | None = None) -> Chec
     latency = round((time.perf_counter() - started) * 1000, 3)
     try:
         cert = parse_certificate(der)
-    except (ValueError, StopIteration, IndexError) as exc:
+    except ValueError as exc:
         return Check("tls", "fail", f"cannot read the server certificate: {exc}")
     now = dt.datetime.now(dt.UTC)
     days_left = int((cert.not_after - now).total_seconds() // 86400)
@@ -528,32 +475,45 @@ async def check_tls(target: Target, options: ProbeOptions | None = None) -> Chec
 
 
 async def check_http_probe(target: Target, options: ProbeOptions | None = None) -> Check:
-    """GET /derp/probe (the path derper and Tailscale's prober use); 200 is healthy."""
+    """GET /derp/probe (the path derper and Tailscale's prober use); 200 is healthy. The latency is
+    from sending the request to the answer's head, the connection's setup left out."""
+    import httpx
+
+    from relay_worker.http_client import os_error_of
+
     options = options or ProbeOptions()
     ctx = client_ssl_context(target, options.ca_file)
-    request = (f"GET /derp/probe HTTP/1.1\r\nHost: {target.host_name}\r\nUser-Agent: cluster-probe\r\n"
-               "Connection: close\r\n\r\n").encode()
+    scheme = "https" if target.tls else "http"
+    url = f"{scheme}://{target.address}/derp/probe"
+    sent: list[float] = []
+
+    async def trace(event: str, _info: dict[str, Any]) -> None:
+        if event == "http11.send_request_headers.started":
+            sent.append(time.perf_counter())
+
+    # Dial the map's address, name the host in Host and SNI (as Tailscale's derphttp client does).
+    # No timeouts of httpx's own: the check's one deadline is asyncio.timeout, as for every check.
+    transport = httpx.AsyncHTTPTransport(verify=ctx if ctx is not None else False, retries=0)
     try:
-        async with asyncio.timeout(options.timeout):
-            reader, writer = await asyncio.open_connection(
-                target.dial_host, target.derp_port, ssl=ctx, server_hostname=target.host_name if ctx else None)
-            try:
-                started = time.perf_counter()
-                writer.write(request)
-                await writer.drain()
-                status_line = await reader.readline()
-                latency = round((time.perf_counter() - started) * 1000, 3)
-            finally:
-                await _close_writer(writer)
-    except (OSError, TimeoutError) as exc:
+        async with asyncio.timeout(options.timeout), httpx.AsyncClient(
+                transport=transport, timeout=None, trust_env=False) as client:
+            request = client.build_request(
+                "GET", url, headers={"Host": target.host_name, "User-Agent": "cluster-probe", "Connection": "close"},
+                extensions={"sni_hostname": target.host_name, "trace": trace})
+            response = await client.send(request, stream=True)
+            latency = round((time.perf_counter() - sent[0]) * 1000, 3)
+            await response.aclose()  # only the status matters; the body is never read
+    except TimeoutError as exc:
         return Check("probe", "fail", _describe_connect_error(exc, target.address, options.timeout))
-    parts = status_line.decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        return Check("probe", "fail", f"not an HTTP answer from {target.address}: {status_line[:60]!r}")
-    status = int(parts[1])
+    except httpx.RemoteProtocolError as exc:
+        return Check("probe", "fail", f"not an HTTP answer from {target.address}: {exc}")
+    except httpx.TransportError as exc:
+        return Check("probe", "fail", _describe_connect_error(os_error_of(exc) or exc, target.address,
+                                                              options.timeout))
+    status = response.status_code
     if status != 200:
-        reason = parts[2].strip() if len(parts) > 2 else ""
-        return Check("probe", "fail", f"answered {status} {reason}, want 200", latency, {"status": status})
+        return Check("probe", "fail", f"answered {status} {response.reason_phrase}, want 200", latency,
+                     {"status": status})
     return Check("probe", "ok", "200", latency, {"status": status})
 
 
