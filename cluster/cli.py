@@ -119,7 +119,7 @@ _EXTRA_COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] 
 def _register_optional_commands() -> None:
     import importlib
 
-    for module in ("cluster.probe", "cluster.bench", "cluster.keygen"):
+    for module in ("derptools.probe", "derptools.bench", "cluster.keygen"):
         try:
             mod = importlib.import_module(module)
         except ImportError:

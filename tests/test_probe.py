@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from cluster.probe import (
+from derptools.probe import (
     Check,
     NodeReport,
     ProbeOptions,

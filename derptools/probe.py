@@ -804,8 +804,8 @@ def _targets_from_args(args: argparse.Namespace) -> list[Target]:
                                        insecure=args.insecure)
     else:
         # Nothing named: probe what this node's own config publishes (`cluster derpmap`).
-        from .config import load_config
-        from .derpmap import build_derpmap
+        from cluster.config import load_config
+        from cluster.derpmap import build_derpmap
 
         config = load_config(args.config, os.environ, {})
         plain = args.plain_http or (not config.tls and not config.regions)
@@ -837,7 +837,7 @@ def _mesh_key_from_args(args: argparse.Namespace) -> str:
             raise ProbeUsageError("TAILSCALE_DERPER_MESH_KEY: want 64 hex characters")
         return env.lower()
     if not args.urls and not args.derpmap:
-        from .config import ConfigError, load_config
+        from cluster.config import ConfigError, load_config
 
         try:
             path = load_config(args.config, os.environ, {}).values["server.mesh_key_file"]
