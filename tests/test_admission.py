@@ -534,12 +534,17 @@ async def test_no_cache_by_default_every_connection_asks_with_its_own_source() -
         await verifier.close()
 
 
-async def test_verify_url_body_stalling_after_200_head_refuses_even_fail_open() -> None:
+@pytest.mark.parametrize("ending", ["stall", "close"])
+async def test_verify_url_body_failing_after_200_head_refuses_even_fail_open(ending: str) -> None:
+    """Go: Do returned (the head is in), then decoding the body failed: a refusal, never fail-open."""
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"Allow\"")
         await writer.drain()
-        await asyncio.sleep(30)
+        if ending == "close":
+            writer.close()  # 8 of the 100 body bytes, then the connection ends
+        else:
+            await asyncio.sleep(30)
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
