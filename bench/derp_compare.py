@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.bench.procfs import cpu_seconds
+from derptools.bench.procfs import cpu_seconds
 from tests.interop.harness import WS_BIN, build_binaries
 from tests.support import free_port, wait_until
 

@@ -58,7 +58,7 @@ bench() {  # bench NAME ARGS...: run and keep the JSON (latency histograms are s
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay_worker mesh cluster || echo ' (+ uncommitted changes)')"
+    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay_worker mesh cluster derptools || echo ' (+ uncommitted changes)')"
     echo "nproc: $(nproc)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     echo "kernel: $(uname -r)"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
 
 from .config import ConfigError, add_setting_flags, flags_from_args, load_config
 
@@ -107,26 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(derpmap)
     derpmap.set_defaults(func=cmd_derpmap)
 
-    for _name, loader in _EXTRA_COMMANDS:
-        loader(sub)
+    for module in SUBCOMMAND_MODULES:
+        # No fallback: a subcommand whose module does not import is a broken install or a bug, and
+        # must fail with its traceback, not vanish from the command line.
+        importlib.import_module(module).add_subcommand(sub)
     return parser
 
 
-#: subcommands contributed by other modules: (name, function that adds the subparser)
-_EXTRA_COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []  # type: ignore[type-arg]
-
-
-def _register_optional_commands() -> None:
-    import importlib
-
-    for module in ("cluster.probe", "cluster.bench", "cluster.keygen"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        add = getattr(mod, "add_subcommand", None)
-        if add is not None:
-            _EXTRA_COMMANDS.append((module, add))
+#: subcommands that live in modules of their own; each module's add_subcommand adds its parser
+SUBCOMMAND_MODULES = ("derptools.probe", "derptools.bench", "cluster.keygen")
 
 
 def _split_derper(argv: list[str], *, derper_mode: bool) -> tuple[list[str], dict[str, object]]:
@@ -141,7 +130,6 @@ def _split_derper(argv: list[str], *, derper_mode: bool) -> tuple[list[str], dic
 
 
 def main(argv: list[str] | None = None, *, derper_mode: bool = False) -> None:
-    _register_optional_commands()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -33,6 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
+
+import httpx
+
+from .http_client import os_error_of
 
 if TYPE_CHECKING:
     from .conn import DerpServerConn
@@ -52,7 +57,6 @@ MAX_RESPONSE_BODY = 64 * 1024
 VERIFY_URL_DECODE_LIMIT = 4 << 10
 #: tailscaled's whois document grows with the node's capability map; Go's client reads it whole.
 MAX_LOCALAPI_BODY = 4 * 1024 * 1024
-MAX_RESPONSE_HEAD = 16 * 1024
 
 Callback = Callable[[bool, str], None]
 
@@ -74,122 +78,55 @@ class BodyError(VerifierError):
     succeeded and decoding its body failed)."""
 
 
-# -- a minimal HTTP/1.1 client ---------------------------------------------------------------------
+# -- the HTTP client ---------------------------------------------------------------------------------
 #
-# Why hand-written: the two requests we make are one GET over a unix socket and one small JSON POST,
-# each on a fresh connection with `Connection: close`. The project has no HTTP client dependency
-# (httpx would be the only new one, for ~80 lines of code); asyncio streams give the timeout and
-# cancellation semantics we need and TLS for https:// verify URLs.
+# httpx, one AsyncClient per verifier, made on first use and kept for the worker's life: a pool of at
+# most max_lookups connections (the lookup semaphore never lets more requests run). Its own timeouts
+# are off: the caller's `asyncio.timeout(self.timeout)` is the one budget of a lookup, connect
+# included, as derper's context deadline is. trust_env=False: proxy variables in the worker's
+# environment never reroute an admission request (the TLS trust store still honours SSL_CERT_FILE).
+
+
+def _client(transport: httpx.AsyncHTTPTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=transport, timeout=None, trust_env=False,
+                             headers={"User-Agent": "derp-cluster-admission"})
+
+
+def _limits(max_connections: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
 
 
 async def http_request(
+    client: httpx.AsyncClient,
     method: str,
-    target: str,
+    url: str,
     *,
-    host_header: str,
-    unix_path: str | None = None,
-    host: str = "",
-    port: int = 0,
-    ssl_context: ssl.SSLContext | None = None,
     headers: dict[str, str] | None = None,
-    body: bytes = b"",
-    want_body: Callable[[int], bool] | bool = True,
+    body: bytes | None = None,
     max_body: int = MAX_RESPONSE_BODY,
     truncate: bool = False,
     progress: dict[str, int] | None = None,
 ) -> tuple[int, bytes]:
-    """One request on a new connection; returns (status, body). Raises OSError or VerifierError.
+    """One request; returns (status, body). Raises httpx.TransportError before the answer's head,
+    BodyError once the head is in (progress["status"] is set then).
 
-    want_body may be a predicate on the status: the body of an answer we only need the status of is
-    never read. truncate: keep the first max_body bytes of a longer body instead of failing (derper
-    reads only the first 4 KiB of an admission answer). progress["status"] is set once the head is in.
+    truncate: keep the first max_body bytes of a longer body instead of failing (derper reads only the
+    first 4 KiB of an admission answer).
     """
-    if unix_path is not None:
-        reader, writer = await asyncio.open_unix_connection(unix_path, limit=MAX_RESPONSE_HEAD)
-    else:
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=ssl_context, server_hostname=host if ssl_context else None, limit=MAX_RESPONSE_HEAD)
-    try:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}", "Connection: close",
-                 "User-Agent: derp-cluster-admission"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        if body or method in ("POST", "PUT"):
-            lines.append(f"Content-Length: {len(body)}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-        while True:
-            status, response_headers = await _read_head(reader)
-            if not 100 <= status < 200:
-                break  # skip interim answers such as 100 Continue
+    async with client.stream(method, url, headers=headers, content=body) as response:
         if progress is not None:
-            progress["status"] = status
-        if not (want_body(status) if callable(want_body) else want_body):
-            return status, b""
-        return status, await _read_body(reader, response_headers, max_body, truncate)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        raise VerifierError("connection closed before an HTTP answer") from exc
-    except asyncio.LimitOverrunError as exc:
-        raise VerifierError("HTTP answer head too large") from exc
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise VerifierError(f"not an HTTP answer: {status_line[:80]!r}")
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str],
-                     max_body: int = MAX_RESPONSE_BODY, truncate: bool = False) -> bytes:
-    try:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            out = bytearray()
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    return bytes(out)
-                if len(out) + size > max_body:
+            progress["status"] = response.status_code
+        out = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                out += chunk
+                if len(out) > max_body:
                     if truncate:
-                        out += await reader.readexactly(max_body - len(out))
-                        return bytes(out)
+                        return response.status_code, bytes(out[:max_body])
                     raise BodyError("HTTP answer body too large")
-                out += await reader.readexactly(size)
-                await reader.readexactly(2)
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise BodyError(f"bad Content-Length {length[:20]!r}")
-            if int(length) > max_body:
-                if truncate:
-                    return await reader.readexactly(max_body)
-                raise BodyError(f"too large Content-Length {length[:20]!r}")
-            return await reader.readexactly(int(length))
-        data = await reader.read(max_body + 1)  # Connection: close: the body ends at EOF
-        while data and len(data) <= max_body:
-            more = await reader.read(max_body + 1 - len(data))
-            if not more:
-                break
-            data += more
-        if len(data) > max_body:
-            if truncate:
-                return data[:max_body]
-            raise BodyError("HTTP answer body too large")
-        return data
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-        raise BodyError(f"malformed HTTP answer body: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise BodyError(f"malformed HTTP answer body: {exc}") from exc
+        return response.status_code, bytes(out)
 
 
 # -- Go-compatible JSON reading -------------------------------------------------------------------
@@ -321,6 +258,9 @@ class AdmissionPolicy:
         self._inflight: dict[tuple[bytes, str], asyncio.Task[Decision]] = {}
         self._tasks: set[asyncio.Task[Decision]] = set()
         self._slots = asyncio.Semaphore(max_lookups)
+        self._max_lookups = max_lookups
+        self._localapi_http: httpx.AsyncClient | None = None
+        self._url_http: httpx.AsyncClient | None = None
         self._allowed: frozenset[bytes] = frozenset()
         self._allow_sig: tuple[int, int, int] | None = None
         self._allow_checked = -1e9
@@ -437,25 +377,42 @@ class AdmissionPolicy:
         finally:
             self._slots.release()
 
+    def _localapi_client(self) -> httpx.AsyncClient:
+        if self._localapi_http is None:
+            # Plain HTTP over a unix socket: verify=False only skips loading a trust store no TLS uses.
+            self._localapi_http = _client(httpx.AsyncHTTPTransport(
+                uds=self.tailscaled_socket, verify=False, limits=_limits(self._max_lookups)))
+        return self._localapi_http
+
+    def _url_client(self) -> httpx.AsyncClient:
+        if self._url_http is None:
+            verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else False
+            self._url_http = _client(httpx.AsyncHTTPTransport(verify=verify, limits=_limits(self._max_lookups)))
+        return self._url_http
+
     async def _check_localapi(self, key: bytes) -> Decision:
         path = self.tailscaled_socket
-        target = "/localapi/v0/whois?addr=" + quote(nodekey_text(key), safe="")
+        url = f"http://{LOCALAPI_HOST}/localapi/v0/whois?addr=" + quote(nodekey_text(key), safe="")
         problem = ""
         try:
             async with asyncio.timeout(self.timeout):
                 status, body = await http_request(
-                    "GET", target, host_header=LOCALAPI_HOST, unix_path=path,
-                    headers={"Tailscale-Cap": LOCALAPI_CAPABILITY}, max_body=MAX_LOCALAPI_BODY)
-        except FileNotFoundError:
-            problem = f"tailscaled LocalAPI socket {path} missing"
-        except ConnectionRefusedError:
-            problem = f"tailscaled LocalAPI socket {path} refuses connections (is tailscaled running?)"
-        except PermissionError:
-            problem = f"no permission to open tailscaled LocalAPI socket {path}"
+                    self._localapi_client(), "GET", url, headers={"Tailscale-Cap": LOCALAPI_CAPABILITY},
+                    max_body=MAX_LOCALAPI_BODY)
         except TimeoutError:
             problem = f"tailscaled LocalAPI at {path} did not answer within {self.timeout:g}s"
-        except (OSError, VerifierError) as exc:
-            problem = f"tailscaled LocalAPI at {path} failed: {exc}"
+        except (httpx.TransportError, VerifierError) as exc:
+            cause = os_error_of(exc)
+            # by errno: the socket layer under httpx raises a plain OSError, not its subclasses
+            errno_ = cause.errno if cause is not None else None
+            if errno_ == errno.ENOENT:
+                problem = f"tailscaled LocalAPI socket {path} missing"
+            elif errno_ == errno.ECONNREFUSED:
+                problem = f"tailscaled LocalAPI socket {path} refuses connections (is tailscaled running?)"
+            elif errno_ in (errno.EACCES, errno.EPERM):
+                problem = f"no permission to open tailscaled LocalAPI socket {path}"
+            else:
+                problem = f"tailscaled LocalAPI at {path} failed: {cause or exc}"
         else:
             if status == 200:
                 try:
@@ -482,12 +439,6 @@ class AdmissionPolicy:
         return Decision(False, problem, "localapi_error", self.error_ttl)
 
     async def _check_url(self, key: bytes, source: str) -> Decision:
-        url = self._url
-        assert url is not None
-        host = url.hostname or ""
-        port = url.port or (443 if url.scheme == "https" else 80)
-        host_header = url.netloc.rpartition("@")[2]
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         payload = json.dumps({"NodePublic": nodekey_text(key), "Source": source}).encode()
         problem = ""
         status = 0
@@ -495,7 +446,7 @@ class AdmissionPolicy:
         try:
             async with asyncio.timeout(self.timeout):
                 status, body = await http_request(
-                    "POST", target, host_header=host_header, host=host, port=port, ssl_context=self._ssl,
+                    self._url_client(), "POST", self.verify_client_url,
                     headers={"Content-Type": "application/json", "Accept": "application/json"}, body=payload,
                     max_body=VERIFY_URL_DECODE_LIMIT, truncate=True, progress=progress)
         except (TimeoutError, BodyError) as exc:
@@ -509,9 +460,11 @@ class AdmissionPolicy:
                 why = f"verify URL {self.verify_client_url} answered {progress['status']} and its body failed: {what}"
                 self._log_problem("urlbody", f"{why}: refusing %s", key)
                 return Decision(False, why, "url_error", self.error_ttl)
-        except (OSError, VerifierError) as exc:
-            problem = f"verify URL {self.verify_client_url} unreachable: {exc.strerror or exc}" if isinstance(
-                exc, OSError) else f"verify URL {self.verify_client_url} failed: {exc}"
+        except httpx.TransportError as exc:
+            # derper: http.Client.Do returned an error (no answer's head): connect, TLS, or protocol
+            cause = os_error_of(exc)
+            problem = f"verify URL {self.verify_client_url} unreachable: {cause.strerror or cause}" if cause \
+                else f"verify URL {self.verify_client_url} failed: {exc or type(exc).__name__}"
         else:
             if status != 200:
                 # derper: any status but 200 is the controller's answer, a refusal, whatever the
@@ -641,12 +594,16 @@ class AdmissionPolicy:
         log.info("allow-keys file %s: %d keys", self.allow_keys_file, len(self._allowed))
 
     async def aclose(self) -> None:
-        """Cancel lookups in flight (worker shutdown); their handshakes are refused."""
+        """Cancel lookups in flight (worker shutdown); their handshakes are refused. Closes the pools."""
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        for client in (self._localapi_http, self._url_http):
+            if client is not None:
+                await client.aclose()
+        self._localapi_http = self._url_http = None
 
 
 def parse_allow_keys(text: str) -> tuple[set[bytes], list[tuple[int, str]]]:

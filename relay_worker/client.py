@@ -199,14 +199,15 @@ class DerpClient:
         frame_type, payload = await self._next_frame()
         if frame_type != F.SERVER_KEY:
             raise DerpClientError(f"expected ServerKey, got frame type 0x{frame_type:02x}")
-        self.server_public = F.parse_server_key(payload)
+        # bytes(): the codecs are typed for bytes; the handshake's two frames are copied once per connection
+        self.server_public = F.parse_server_key(bytes(payload))
         self.io.write(seal_client_info(self.private_key, self.server_public, info))
         await self.io.drain()
         if wait_server_info:
             frame_type, payload = await self._next_frame()
             if frame_type != F.SERVER_INFO:
                 raise DerpClientError(f"expected ServerInfo, got frame type 0x{frame_type:02x}")
-            self.server_info = open_server_info(self.private_key, self.server_public, payload)
+            self.server_info = open_server_info(self.private_key, self.server_public, bytes(payload))
             self.parser.max_frame_len = F.MAX_FRAME_LEN
 
     async def _next_frame(self) -> tuple[int, memoryview]:
@@ -226,7 +227,7 @@ class DerpClient:
             while True:
                 frame_type, payload = await self._next_frame()
                 if frame_type == F.SERVER_INFO:
-                    self.server_info = open_server_info(self.private_key, self.server_public, payload)
+                    self.server_info = open_server_info(self.private_key, self.server_public, bytes(payload))
                     self.parser.max_frame_len = F.MAX_FRAME_LEN
                     continue
                 return decode_event(frame_type, payload)
@@ -284,6 +285,10 @@ class DerpClient:
         await self.close()
 
 
+# The one HTTP exchange written by hand (every other outgoing call uses httpx): after `Upgrade: DERP`
+# the same socket carries DERP frames, read and written through asyncio streams. httpx hands an
+# upgraded connection over only as an httpcore network stream after a 101 head, and with
+# Derp-Fast-Start the server sends no HTTP answer at all, which no HTTP client accepts.
 async def _open_upgrade(host: str, port: int, path: str, ctx: ssl.SSLContext | None, server_hostname: str | None,
                         fast_start: bool, extra_headers: dict[str, str] | None,
                         local_addr: tuple[str, int] | None = None) -> _StreamIO:

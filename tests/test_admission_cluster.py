@@ -29,7 +29,7 @@ import pytest
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, RecvPacket
 from relay_worker.keys import PrivateKey
-from tests.support import ClusterProcess, await_until
+from tests.support import ClusterProcess, await_until, free_port
 from tests.test_admission import (
     FakeLocalAPI,
     FakeVerifyURL,
@@ -102,7 +102,8 @@ async def test_verify_clients_admits_tailnet_nodes_and_refuses_strangers(sock_di
 def test_verify_clients_socket_missing_is_a_start_error(sock_dir: Path) -> None:
     """Noticed at start (one line, exit 2), not as a refusal of every connection."""
     missing = sock_dir / "tailscaled.sock"
-    result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen", "127.0.0.1:0",
+    # a real port: the preflight refuses port 0 (workers share the port) before it looks at admission
+    result = subprocess.run([sys.executable, "-m", "cluster", "up", "--no-stun", "--listen", f"127.0.0.1:{free_port()}",
                              "--state-dir", str(sock_dir / "state"), "--verify-clients", "--tailscaled-socket",
                              str(missing)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.status import fetch_unix
 from relay_worker.client import DerpClient, DerpClientError, RecvPacket
 from relay_worker.keys import PrivateKey
-
-from ..status import fetch_unix
 
 
 @dataclass

@@ -7,7 +7,7 @@ import multiprocessing
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from .agent import agent_main
 
@@ -89,10 +89,11 @@ class Agents:
             while timers and timers[0][0] <= now:
                 timers.pop(0)[1]()
             timeout = max(0.0, timers[0][0] - now) if timers else 1.0
-            for pipe in wait(list(pending), timeout):
-                index = pending[pipe]  # type: ignore[index]
+            for ready in wait(list(pending), timeout):
+                pipe = cast(Connection, ready)  # wait() returns what it was given: our pipes
+                index = pending[pipe]
                 try:
-                    kind, value = pipe.recv()  # type: ignore[union-attr]
+                    kind, value = pipe.recv()
                 except EOFError as exc:
                     raise AgentError(f"load-generator process {index} died") from exc
                 if kind == "progress":

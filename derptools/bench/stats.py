@@ -22,7 +22,8 @@ def percentiles(hist: dict[int, int], points: Iterable[float] = (50.0, 99.0, 99.
     out: dict[str, float | None] = {}
     names = [(p, "p" + f"{p:g}".replace(".", "")) for p in points]
     if not total:
-        return {name: None for _, name in names} | {"mean": None, "max": None, "samples": 0}
+        empty: dict[str, float | None] = {name: None for _, name in names}
+        return empty | {"mean": None, "max": None, "samples": 0}
     ordered = sorted(hist.items())
     for p, name in names:
         rank = max(1, -(-total * p // 100))  # ceil without floats drifting

@@ -152,7 +152,7 @@ def run_relay(target: Target, *, pairs: int, size: int, window: int, seconds: fl
             firsts = agents.call_all("connect", [{"count": n} for n in pairs_per_agent])
             seconds_ = agents.call_all("connect", [{"count": n, "url": peer_url} for n in pairs_per_agent])
             agent_pairs = [list(zip(firsts[i], seconds_[i], strict=True)) for i in range(procs)]
-            layout = []
+            layout: list[tuple[int, int]] = []
             placement = "cross-node"
         elif placement in ("same-worker", "cross-worker") and target.cluster is not None:
             agent_pairs, layout = pin_pairs(agents, target.cluster, pairs_per_agent, placement, progress)
