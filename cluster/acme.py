@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
+
 from .config import Config, ConfigError
 from .tls_alpn import challenge_dir as tls_alpn_challenge_dir
 
@@ -55,7 +57,6 @@ TLS_ALPN_01, HTTP_01 = "tls-alpn-01", "http-01"
 #: how often the IP issuer looks for workers' requests; derper's backoff after a failed IP order
 IP_POLL = 1.0
 IP_RETRY_MIN, IP_RETRY_MAX = 60.0, 1800.0
-_GENERATE_204 = b"GET /generate_204 HTTP/1.1\r\nHost: acme\r\nConnection: close\r\n\r\n"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -230,21 +231,21 @@ class AcmeManager:
         host = self.config.listen_addr[0]
         host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
         deadline = time.monotonic() + timeout
-        self._wait_port(host, int(self.config.listen_addr[1]), None, deadline)
+        self._wait_port(host, int(self.config.listen_addr[1]), deadline)
         port = int(self.config.values["server.http_port"])
         if port >= 0:
-            self._wait_port(host, port, _GENERATE_204, deadline)
+            self._wait_port(host, port, deadline, captive_check=True)
 
-    def _wait_port(self, host: str, port: int, request: bytes | None, deadline: float) -> None:
+    def _wait_port(self, host: str, port: int, deadline: float, *, captive_check: bool = False) -> None:
+        url_host = f"[{host}]" if ":" in host else host
         while not self.stop.is_set():
             try:
-                with socket.create_connection((host, port), timeout=1.0) as sock:
-                    if request is None:
-                        return
-                    sock.sendall(request)
-                    if sock.recv(12).startswith(b"HTTP/1.1 204"):
-                        return
-            except OSError:
+                if not captive_check:
+                    socket.create_connection((host, port), timeout=1.0).close()
+                    return
+                if httpx.get(f"http://{url_host}:{port}/generate_204", timeout=1.0, trust_env=False).status_code == 204:
+                    return
+            except (OSError, httpx.HTTPError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the port {host}:{port} does not answer, so the CA cannot validate there")
@@ -407,8 +408,8 @@ class AcmeManager:
             return
         host = self.config.listen_addr[0]
         host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-        self._wait_port(host, int(self.config.values["server.http_port"]), _GENERATE_204,
-                        time.monotonic() + 60)
+        self._wait_port(host, int(self.config.values["server.http_port"]), time.monotonic() + 60,
+                        captive_check=True)
         private = ec.generate_private_key(ec.SECP256R1())
         key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                         serialization.NoEncryption())
