@@ -138,6 +138,8 @@ class WorkerMesh:
         self.peers: dict[Owner, PeerState] = {}
         self.seeds: set[str] = set()
         self.dead_marks: dict[Owner, int] = {}
+        #: owners whose records reached us only through others' gossip, and since when (see tick)
+        self.rumoured: dict[Owner, float] = {}
         self.last_tick = 0.0
         self.reincarnations = 0
         #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper
@@ -531,14 +533,20 @@ class WorkerMesh:
         peer = self.peers.get(sender)
         if peer is None:
             return None
+        dead = self.dead_marks.get(sender)
+        if dead is not None and incarnation <= dead:
+            # a late message from a dead incarnation (also to a member forgotten and learned again,
+            # whose state starts at incarnation 0): ignore until it rejoins, and our heartbeats'
+            # dead list tells it to
+            return None
         if incarnation > peer.incarnation:
             if peer.incarnation:
                 # the process restarted or rejoined: everything its previous incarnation held is gone
                 self._mark_dead(peer)
             peer.incarnation = incarnation
             self.dead_marks.pop(sender, None)
-        elif incarnation < peer.incarnation or self.dead_marks.get(sender) == incarnation:
-            return None  # a late message from a dead incarnation: ignore until it rejoins
+        elif incarnation < peer.incarnation:
+            return None
         peer.last_heard = time.monotonic()
         peer.ever_heard = True
         if not peer.alive:
@@ -615,6 +623,7 @@ class WorkerMesh:
             for peer in self.peers.values():
                 peer.last_heard = now
                 peer.last_pulse = now
+            self.rumoured = dict.fromkeys(self.rumoured, now)
         self.last_tick = now
         self._forget_unheard(now)
         self._sync_pulse_targets()
@@ -651,6 +660,27 @@ class WorkerMesh:
             if incarnation and self.dead_marks.get(peer.owner, 0) < incarnation:
                 peer.incarnation = incarnation
                 self._mark_dead(peer)
+        self._drop_silent_rumoured(now)
+
+    def _drop_silent_rumoured(self, now: float) -> None:
+        """An owner whose keys reached us in a third party's gossip before it was a member here
+        (it died before anyone listed it, or before its own heartbeat arrived) gets a member's
+        silence limit too: not heard from or named in a member list within it, its keys leave.
+        Without this they stayed until the horizon. If it is alive after all, its heartbeat makes
+        it a member, our dead list tells it, and it rejoins as a new incarnation."""
+        rumoured: dict[Owner, float] = {}
+        for owner in self.directory.owners():
+            if owner == self.owner or owner in self.peers:
+                continue
+            since = rumoured[owner] = self.rumoured.get(owner, now)
+            limit = self.dead_after if owner.node == self.owner.node else self.node_dead_after
+            incarnation = self.directory.known_incarnation(owner)
+            if now - since > limit and incarnation and self.dead_marks.get(owner, 0) < incarnation:
+                log.warning("mesh: %s/%d, known only through others, silent for %.1fs: dropping its keys",
+                            owner.node, owner.worker, now - since)
+                self.dead_marks[owner] = incarnation
+                self._apply_changes(self.directory.mark_dead(owner, incarnation))
+        self.rumoured = rumoured
 
     def _forget_unheard(self, now: float) -> None:
         forget_after = FORGET_AFTER_DEAD_AFTERS * self.node_dead_after
