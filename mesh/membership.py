@@ -258,7 +258,7 @@ class Membership:
             # dead list tells it to
             return None
         if incarnation > member.incarnation:
-            if member.incarnation:
+            if member.incarnation and member.incarnation != dead:
                 # the process restarted or rejoined: everything its previous incarnation held is gone
                 self._declare_dead(sender, member.incarnation)
             member.incarnation = incarnation

@@ -13,6 +13,9 @@ declared dead (a healed partition) takes a new incarnation and republishes its k
 welcomed back. Every tick renews the leases of our own keys and collects what fell behind the
 directory's horizon (docs/MESH.md, "Horizon").
 
+The membership decisions are mesh.membership's pure state machine; this module is its I/O shell
+(clock, ZeroMQ, directory) and the relay's forwarder.
+
 Packets go straight to the owning worker on whichever node it is: one ZeroMQ hop, no ingress
 process in between, batched per peer per loop iteration.
 """
