@@ -522,10 +522,10 @@ class WorkerMesh:
 
     def _on_heartbeat(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
         self._learn_derp_node(sender, body.get("derp"))
-        digest = wire.field(body, "digest", bytes)
         now = time.monotonic()
         member = self.membership.on_heartbeat(parse_hello(sender, incarnation, body), now)
         self._carry_out()
+        digest = wire.field(body, "digest", bytes)
         if member is not None and digest != self.directory.digest() and self.membership.repair_due(member, now):
             self._send_repair(sender, self.directory.diff_buckets(digest), reply=True)
 

@@ -28,10 +28,10 @@ B1_TCP = "tcp://10.0.0.2:4001"
 KEY = bytes(range(32))
 
 
-def membership(**overrides: float) -> Membership:
-    settings = {"heartbeat": 0.5, "dead_after": 3.0, "node_dead_after": 10.0, "busy_grace": 30.0,
-                "forget_after": 40.0, **overrides}
-    return Membership(ME, 100, **settings)  # type: ignore[arg-type]
+def membership(*, heartbeat: float = 0.5, dead_after: float = 3.0, busy_grace: float = 30.0,
+               forget_after: float = 40.0) -> Membership:
+    return Membership(ME, 100, heartbeat=heartbeat, dead_after=dead_after, node_dead_after=10.0,
+                      busy_grace=busy_grace, forget_after=forget_after)
 
 
 def directory() -> Directory:
