@@ -299,6 +299,10 @@ class Directory:
         """The greatest live incarnation of `owner` seen in any record, if any."""
         return self._max_inc.get(owner)
 
+    def owners(self) -> list[Owner]:
+        """Every owner that holds at least one record here (this replica's own included)."""
+        return list(self._by_owner)
+
     # -- local writes (this process's own keys) ---------------------------------------------------
 
     def local_add(self, key: bytes, epoch: int, preferred: bool = False) -> Delta:

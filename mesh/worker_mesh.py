@@ -13,6 +13,9 @@ declared dead (a healed partition) takes a new incarnation and republishes its k
 welcomed back. Every tick renews the leases of our own keys and collects what fell behind the
 directory's horizon (docs/MESH.md, "Horizon").
 
+The membership decisions are mesh.membership's pure state machine; this module is its I/O shell
+(clock, ZeroMQ, directory) and the relay's forwarder.
+
 Packets go straight to the owning worker on whichever node it is: one ZeroMQ hop, no ingress
 process in between, batched per peer per loop iteration.
 """
@@ -22,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from relay_worker.relay import Relay
+from relay_worker.keys import PrivateKey
+from relay_worker.relay import Forwarder
 
 from . import wire
 from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
-from .liveness import BUSY, DEAD, PULSE, LoopMonitor, Pulser, verdict
+from .liveness import PULSE, LoopMonitor, Pulser
+from .membership import Connect, Disconnect, DropKeys, Member, Membership, Rejoin, parse_hello
 from .publish_gate import PublishGate
 from .transport import CurveKeys, MeshTransport
 
@@ -53,22 +58,39 @@ FORGET_AFTER_DEAD_AFTERS = 4
 PUBLISH_ACK_TIMEOUT = 0.5
 
 
-@dataclass
-class PeerState:
-    owner: Owner
-    endpoint: str
-    region: int = 0
-    ipc: str = ""
-    tcp: str = ""
-    incarnation: int = 0
-    last_heard: float = 0.0
-    alive: bool = False
-    last_repair: float = 0.0
-    ever_heard: bool = False
-    last_pulse: float = 0.0  # from its liveness thread (mesh.liveness)
-    pulse_silent_ms: int = 0  # how long its loop had been silent, as its last pulse said
-    busy: bool = False  # its loop is silent but its process pulses: keys kept (see tick)
-    learned: bool = False  # known only from another member's list (not configured, not heard)
+class AckCounters(Protocol):
+    publish_ack_timeouts: int
+
+
+class MeshedRelay(Protocol):
+    """The relay as the mesh uses it: the other side of `relay_worker.relay.Forwarder`. The mesh
+    installs itself as the relay's forwarder and publication barrier, delivers the packets other
+    workers forward here, and reports every change of a key's cluster-wide owner."""
+
+    forwarder: Forwarder | None
+    publication_barrier: Callable[[Callable[[], None]], None] | None
+
+    @property
+    def server_key(self) -> PrivateKey: ...
+
+    @property
+    def server_public(self) -> bytes: ...
+
+    @property
+    def active(self) -> Mapping[bytes, object]: ...
+
+    @property
+    def stats(self) -> AckCounters: ...
+
+    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, bytes | memoryview]]) -> int: ...
+
+    def reroute(self, key: bytes) -> None: ...
+
+    def remote_key_present(self, key: bytes) -> None: ...
+
+    def remote_key_gone(self, key: bytes) -> None: ...
+
+    def key_gone(self, key: bytes, *, tell_watchers: bool = True) -> None: ...
 
 
 @dataclass
@@ -98,7 +120,7 @@ class WorkerMesh:
 
     def __init__(
         self,
-        relay: Relay,
+        relay: MeshedRelay,
         owner: Owner,
         incarnation: int,
         inbox: list[str],
@@ -115,7 +137,10 @@ class WorkerMesh:
     ) -> None:
         self.relay = relay
         self.owner = owner
-        self.incarnation = incarnation
+        self.membership = Membership(owner, incarnation, heartbeat=heartbeat, dead_after=dead_after,
+                                     node_dead_after=node_dead_after, busy_grace=busy_grace,
+                                     max_members=MAX_MEMBERS,
+                                     forget_after=FORGET_AFTER_DEAD_AFTERS * node_dead_after)
         self.region = region
         #: records older than this are collected and refused (docs/MESH.md, "Horizon")
         self.horizon = horizon
@@ -133,12 +158,6 @@ class WorkerMesh:
         self.ipc_endpoint = next((e for e in self.transport.bound if e.startswith("ipc://")), "")
         self.tcp_endpoint = advertise_tcp
         self.heartbeat = heartbeat
-        self.dead_after = dead_after
-        self.node_dead_after = node_dead_after
-        self.peers: dict[Owner, PeerState] = {}
-        self.seeds: set[str] = set()
-        self.dead_marks: dict[Owner, int] = {}
-        self.last_tick = 0.0
         self.reincarnations = 0
         #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper
         self.foreign: dict[bytes, DerpMeshPeer] = {}
@@ -154,36 +173,52 @@ class WorkerMesh:
         self._task: asyncio.Task[None] | None = None
         self.packets_in = 0
         self.unroutable = 0
-        self.deaths = 0
         self.bad_messages = 0
-        self.members_refused = 0
-        self.members_forgotten = 0
 
     @property
     def endpoint(self) -> str:
         return self.transport.bound[0]
 
+    @property
+    def incarnation(self) -> int:
+        return self.membership.incarnation
+
+    @property
+    def peers(self) -> dict[Owner, Member]:
+        return self.membership.members
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def add_peer(self, owner: Owner, endpoint: str, *, ipc: str = "", tcp: str = "", region: int = 0) -> None:
         """Know a member: heartbeat to it from now on. Same-node members are reached over ipc."""
-        if owner == self.owner or owner in self.peers:
-            return
-        self.peers[owner] = PeerState(owner, endpoint, region=region, ipc=ipc, tcp=tcp, last_heard=time.monotonic())
-        self.transport.connect(owner, endpoint)
-        self._sync_pulse_targets()
-
-    def _sync_pulse_targets(self) -> None:
-        # at once, not at the next tick: the loop may stall before then, and the pulses are for that
-        self.pulser.set_targets({o: p.endpoint for o, p in self.peers.items()})
+        self.membership.add(owner, endpoint, time.monotonic(), ipc=ipc, tcp=tcp, region=region)
+        self._carry_out()
 
     def add_seed(self, endpoint: str) -> None:
         """A `--join` address: heartbeat there until the member behind it is known by name."""
-        self.seeds.add(endpoint)
-        self.transport.connect(("seed", endpoint), endpoint)
+        self.membership.add_seed(endpoint)
+        self._carry_out()
 
-    def _endpoint_for(self, owner: Owner, ipc: str, tcp: str) -> str:
-        return ipc if owner.node == self.owner.node and ipc else tcp
+    def _carry_out(self) -> None:
+        """Do what membership decided, in its order (mesh.membership: the effects)."""
+        links_changed = False
+        for effect in self.membership.take_effects():
+            if isinstance(effect, Connect):
+                self.transport.connect(effect.link, effect.endpoint)
+                links_changed = True
+            elif isinstance(effect, Disconnect):
+                self.transport.disconnect(effect.link)
+                links_changed = True
+            elif isinstance(effect, DropKeys):
+                self._apply_changes(self.directory.mark_dead(effect.owner, effect.incarnation))
+            elif isinstance(effect, Rejoin):
+                self._reincarnate(effect.why)
+        if links_changed:
+            self._sync_pulse_targets()
+
+    def _sync_pulse_targets(self) -> None:
+        # at once, not at the next tick: the loop may stall before then, and the pulses are for that
+        self.pulser.set_targets(self.membership.pulse_targets())
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,11 +241,11 @@ class WorkerMesh:
 
     # -- Forwarder (called by the relay) ------------------------------------------------------------
 
-    def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+    def forward(self, *, src: bytes, dst: bytes, packet: bytes) -> bool:
         owner = self.directory.resolved.get(dst)
         if owner is None or owner == self.owner:
             derper = self.foreign.get(dst)
-            return derper is not None and derper.forward(src, dst, packet)
+            return derper is not None and derper.forward(src=src, dst=dst, packet=packet)
         if not self.transport.queue_packet(owner, wire.packet_head(dst, src, len(packet)), packet):
             self.unroutable += 1
             return False
@@ -284,7 +319,7 @@ class WorkerMesh:
     def _queue_records(self, records: list[Record]) -> None:
         """Gather this loop iteration's local directory changes into one message per peer: a burst
         of connects costs one encode and one send, not one per client."""
-        if not self.peers and not self.seeds:
+        if not self.peers and not self.membership.seeds:
             return
         self._outgoing.extend(records)
         if not self._flush_scheduled:
@@ -299,10 +334,6 @@ class WorkerMesh:
             self._next_waiters.append(callback)
         else:
             callback()  # nothing waiting to go out (no peers, or no change to publish)
-
-    def _local_live_peers(self) -> set[Owner]:
-        node = self.owner.node
-        return {owner for owner, peer in self.peers.items() if peer.alive and owner.node == node}
 
     def _flush_records(self) -> None:
         self._flush_scheduled = False
@@ -320,7 +351,7 @@ class WorkerMesh:
             return
         self._ack_seq += 1
         seq = self._ack_seq
-        wait = AckWait(self._local_live_peers(), waiters)
+        wait = AckWait(self.membership.local_alive(), waiters)
         self._acks[seq] = wait
         wait.pending -= self._broadcast_records(records, ack=seq, ack_peers=wait.pending)
         if wait.pending:
@@ -426,12 +457,13 @@ class WorkerMesh:
             sender = Owner(wire.field(body, "node", str), wire.field(body, "worker", int))
             incarnation = wire.field(body, "inc", int)
             if kind == wire.HEARTBEAT:
-                self._learn_members(sender, incarnation, body)
-                self._on_heartbeat(sender, incarnation, wire.field(body, "digest", bytes))
+                self._on_heartbeat(sender, incarnation, body)
             elif kind == wire.DIR_DELTA:
+                endpoints = None
                 if "tcp" in body or "ipc" in body:
-                    self._follow_endpoint(sender, body)
-                self._note_alive(sender, incarnation)
+                    endpoints = (_text(body.get("ipc")), _text(body.get("tcp")))
+                self.membership.on_delta(sender, incarnation, time.monotonic(), endpoints=endpoints)
+                self._carry_out()
                 self._merge(wire.field(body, "entries", bytes))
                 ack = body.get("ack")
                 if isinstance(ack, int) and not isinstance(ack, bool) and ack > 0:
@@ -440,7 +472,8 @@ class WorkerMesh:
             elif kind == wire.DIR_ACK:
                 self._on_ack(sender, wire.field(body, "ack", int))
             elif kind == wire.REPAIR:
-                self._note_alive(sender, incarnation)
+                self.membership.heard(sender, incarnation, time.monotonic())
+                self._carry_out()
                 self._merge(wire.field(body, "entries", bytes))
                 if body.get("reply"):
                     ids = [i for i in wire.field(body, "ids", list) if isinstance(i, int)]
@@ -454,48 +487,6 @@ class WorkerMesh:
     def _merge(self, encoded: bytes) -> None:
         self._apply_changes(self.directory.merge(decode_entries(encoded)))
 
-    def _learn_members(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
-        self._learn_derp_node(sender, body.get("derp"))
-        ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
-        tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
-        region = body.get("region") if isinstance(body.get("region"), int) else 0
-        known = self.peers.get(sender)
-        if known is None and sender != self.owner and self._room_for_member():
-            endpoint = self._endpoint_for(sender, ipc, tcp)
-            if endpoint:
-                self.add_peer(sender, endpoint, ipc=ipc, tcp=tcp, region=region)
-                log.info("mesh member %s/%d joined (region %d)", sender.node, sender.worker, region)
-        elif known is not None and (known.ipc, known.tcp) != (ipc, tcp):
-            # the member restarted somewhere else (a rescheduled pod, a new port): follow it
-            endpoint = self._endpoint_for(sender, ipc, tcp)
-            if endpoint:
-                known.ipc, known.tcp, known.endpoint, known.region = ipc, tcp, endpoint, region
-                self.transport.connect(sender, endpoint)
-                self._sync_pulse_targets()
-        for row in body.get("members", ()):
-            if not (isinstance(row, list) and len(row) == 5):
-                continue
-            node, worker, m_ipc, m_tcp, m_region = row
-            if not (isinstance(node, str) and isinstance(worker, int) and isinstance(m_ipc, str)
-                    and isinstance(m_tcp, str) and isinstance(m_region, int)):
-                continue
-            owner = Owner(node, worker)
-            if owner != self.owner and owner not in self.peers and self._room_for_member():
-                endpoint = self._endpoint_for(owner, m_ipc, m_tcp)
-                if endpoint:
-                    self.add_peer(owner, endpoint, ipc=m_ipc, tcp=m_tcp, region=m_region)
-                    self.peers[owner].learned = True
-        for row in body.get("dead", ()):
-            if isinstance(row, list) and len(row) == 3 and row[0] == self.owner.node and \
-                    row[1] == self.owner.worker and isinstance(row[2], int) and row[2] >= self.incarnation:
-                self._reincarnate(f"{sender.node}/{sender.worker} declared us dead")
-
-    def _room_for_member(self) -> bool:
-        if len(self.peers) < MAX_MEMBERS:
-            return True
-        self.members_refused += 1
-        return False
-
     def _learn_derp_node(self, sender: Owner, derp: Any) -> None:
         if not isinstance(derp, dict) or sender == self.owner:
             return
@@ -504,47 +495,16 @@ class WorkerMesh:
         if sender in self.derp_seen or len(self.derp_seen) < self.MAX_DERP_SEEN:
             self.derp_seen[sender] = derp
 
-    def _follow_endpoint(self, sender: Owner, body: dict[str, Any]) -> None:
-        """A known member's delta names other endpoints than we use: follow it (as a heartbeat would)."""
-        known = self.peers.get(sender)
-        ipc = body.get("ipc") if isinstance(body.get("ipc"), str) else ""
-        tcp = body.get("tcp") if isinstance(body.get("tcp"), str) else ""
-        if known is None or (known.ipc, known.tcp) == (ipc, tcp):
-            return
-        endpoint = self._endpoint_for(sender, ipc, tcp)
-        if endpoint:
-            known.ipc, known.tcp, known.endpoint = ipc, tcp, endpoint
-            self.transport.connect(sender, endpoint)
-
     def _reincarnate(self, why: str) -> None:
         """We were declared dead (a partition healed): come back as a new incarnation."""
         new = max(self.incarnation + 1, int(time.time() * 1000) * 100)
         log.warning("mesh: %s; rejoining as incarnation %d", why, new)
         delta = self.directory.reincarnate(new)
-        self.incarnation = new
+        self.membership.incarnation = new
         self.reincarnations += 1
         if delta:
             self._broadcast_records(delta.entries)
             self._apply_changes(delta.changes)
-
-    def _note_alive(self, sender: Owner, incarnation: int) -> PeerState | None:
-        peer = self.peers.get(sender)
-        if peer is None:
-            return None
-        if incarnation > peer.incarnation:
-            if peer.incarnation:
-                # the process restarted or rejoined: everything its previous incarnation held is gone
-                self._mark_dead(peer)
-            peer.incarnation = incarnation
-            self.dead_marks.pop(sender, None)
-        elif incarnation < peer.incarnation or self.dead_marks.get(sender) == incarnation:
-            return None  # a late message from a dead incarnation: ignore until it rejoins
-        peer.last_heard = time.monotonic()
-        peer.ever_heard = True
-        if not peer.alive:
-            peer.alive = True
-            log.info("mesh peer %s/%d is up (incarnation %d)", sender.node, sender.worker, incarnation)
-        return peer
 
     def _on_pulse(self, message: bytes) -> None:
         """A liveness-thread pulse: the member's process runs, whatever its loop is doing. Counts
@@ -558,25 +518,16 @@ class WorkerMesh:
             self.bad_messages += 1
             log.warning("dropping malformed pulse: %s", exc)
             return
-        peer = self.peers.get(sender)
-        if peer is None or incarnation != peer.incarnation or self.dead_marks.get(sender) == incarnation:
-            return
-        peer.last_pulse = time.monotonic()
-        peer.pulse_silent_ms = silent_ms
+        self.membership.on_pulse(sender, incarnation, silent_ms, time.monotonic())
 
-    def _mark_dead(self, peer: PeerState) -> None:
-        self.dead_marks[peer.owner] = peer.incarnation
-        self._apply_changes(self.directory.mark_dead(peer.owner, peer.incarnation))
-
-    def _on_heartbeat(self, sender: Owner, incarnation: int, digest: bytes) -> None:
-        peer = self._note_alive(sender, incarnation)
-        if peer is None or incarnation < peer.incarnation:
-            return
-        if digest != self.directory.digest():
-            now = time.monotonic()
-            if now - peer.last_repair >= self.heartbeat:
-                peer.last_repair = now
-                self._send_repair(sender, self.directory.diff_buckets(digest), reply=True)
+    def _on_heartbeat(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        self._learn_derp_node(sender, body.get("derp"))
+        now = time.monotonic()
+        member = self.membership.on_heartbeat(parse_hello(sender, incarnation, body), now)
+        self._carry_out()
+        digest = wire.field(body, "digest", bytes)
+        if member is not None and digest != self.directory.digest() and self.membership.repair_due(member, now):
+            self._send_repair(sender, self.directory.diff_buckets(digest), reply=True)
 
     def _send_repair(self, peer: Owner, ids: list[int], *, reply: bool) -> None:
         records = self.directory.entries_in_buckets(ids)
@@ -596,9 +547,8 @@ class WorkerMesh:
             await asyncio.sleep(self.heartbeat)
 
     def heartbeat_message(self) -> bytes:
-        members = [[self.owner.node, self.owner.worker, self.ipc_endpoint, self.tcp_endpoint, self.region]]
-        members += [[o.node, o.worker, p.ipc, p.tcp, p.region] for o, p in self.peers.items() if p.alive]
-        dead = [[o.node, o.worker, inc] for o, inc in self.dead_marks.items()]
+        members = self.membership.member_rows(self.ipc_endpoint, self.tcp_endpoint, self.region)
+        dead = self.membership.dead_rows()
         extra = {"derp": self.derp_node} if self.derp_node else {}
         return wire.build_control(wire.HEARTBEAT, self._envelope(
             digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
@@ -609,56 +559,14 @@ class WorkerMesh:
         lag = self.loop_monitor.beat(now)
         if lag > 1.0:
             log.warning("mesh: this worker's loop ran %.1fs late", lag)
-        if self.last_tick and now - self.last_tick > max(4 * self.heartbeat, 1.0):
-            # Our own loop stalled (or the process was stopped): we cannot tell who went silent, so
-            # give everyone a fresh grace period instead of declaring the whole cluster dead.
-            for peer in self.peers.values():
-                peer.last_heard = now
-                peer.last_pulse = now
-        self.last_tick = now
-        self._forget_unheard(now)
+        self.membership.tick(now, self.directory)
+        self._carry_out()
         self._sync_pulse_targets()
         self._renew_and_collect()
         self._publish_held(now)
         message = self.heartbeat_message()
-        for peer in self.peers:
-            self.transport.send_control(peer, message)
-        known_tcp = {p.tcp for p in self.peers.values() if p.alive}
-        for seed in self.seeds:
-            if seed not in known_tcp:
-                self.transport.send_control(("seed", seed), message)
-        for peer in self.peers.values():
-            limit = self.dead_after if peer.owner.node == self.owner.node else self.node_dead_after
-            state = verdict(now, peer.last_heard, peer.last_pulse, limit, self.busy_grace)
-            if state != DEAD:
-                busy = state == BUSY
-                if busy and not peer.busy:
-                    log.warning("mesh peer %s/%d: loop silent for %.1fs but its process pulses: keeping its "
-                                "keys for up to %.0fs more", peer.owner.node, peer.owner.worker,
-                                now - peer.last_heard, self.busy_grace)
-                peer.busy = busy
-                continue
-            peer.busy = False
-            if peer.alive:
-                peer.alive = False
-                self.deaths += 1
-                log.warning("mesh peer %s/%d silent for %.1fs: dropping its keys", peer.owner.node,
-                            peer.owner.worker, now - peer.last_heard)
-            # Also a member we only ever heard of through others (its keys came in a third party's
-            # repair) must not keep its keys forever once it stays silent.
-            known = self.directory.known_incarnation(peer.owner) or 0
-            incarnation = max(peer.incarnation, known)
-            if incarnation and self.dead_marks.get(peer.owner, 0) < incarnation:
-                peer.incarnation = incarnation
-                self._mark_dead(peer)
-
-    def _forget_unheard(self, now: float) -> None:
-        forget_after = FORGET_AFTER_DEAD_AFTERS * self.node_dead_after
-        for owner in [o for o, p in self.peers.items()
-                      if p.learned and not p.ever_heard and now - p.last_heard > forget_after]:
-            del self.peers[owner]
-            self.transport.disconnect(owner)
-            self.members_forgotten += 1
+        for link in self.membership.heartbeat_links():
+            self.transport.send_control(link, message)
 
     def _renew_and_collect(self) -> None:
         """Once per tick: renew our live entries' leases, collect what fell behind the horizon."""
@@ -678,10 +586,10 @@ class WorkerMesh:
                 **self.transport.stats(),
                 "packets_in": self.packets_in,
                 "unroutable": self.unroutable,
-                "deaths": self.deaths,
+                "deaths": self.membership.deaths,
                 "bad_messages": self.bad_messages,
-                "members_refused": self.members_refused,
-                "members_forgotten": self.members_forgotten,
+                "members_refused": self.membership.members_refused,
+                "members_forgotten": self.membership.members_forgotten,
                 "peers_alive": sum(1 for p in self.peers.values() if p.alive),
                 "reincarnations": self.reincarnations,
                 "loop": self.loop_monitor.stats(),
@@ -707,3 +615,7 @@ class WorkerMesh:
                 } for o, p in self.peers.items()},
             },
         }
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -364,7 +364,7 @@ class DerpServerConn(asyncio.Protocol):
                             parts += (_recv_header(F.RECV_PACKET, size), key, payload[32:])
                         continue
                     forwarder = relay.forwarder
-                    if forwarder is not None and forwarder.forward(dst, key, payload[32:]):
+                    if forwarder is not None and forwarder.forward(src=key, dst=dst, packet=payload[32:]):
                         relay.stats.packets_forwarded_out += 1
                         continue
                     self._unknown_destination(dst, payload)

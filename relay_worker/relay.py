@@ -42,7 +42,7 @@ class Forwarder(Protocol):
     when the cluster-wide picture of a key changes.
     """
 
-    def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+    def forward(self, *, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Send to the remote owner of dst; False when no remote owner is known."""
 
     def remote_winner(self, key: bytes) -> bool:
@@ -335,7 +335,7 @@ class Relay:
         self.stats.packets_forwarded_in += 1
         if self.deliver(dst, src, packet):
             return True
-        if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(dst, src, packet):
+        if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(src=src, dst=dst, packet=packet):
             self.stats.packets_forwarded_out += 1
             return True
         self.stats.drop("unknown_dest_on_fwd")

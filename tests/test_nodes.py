@@ -229,9 +229,6 @@ async def test_status_shows_nodes(tmp_path: Path) -> None:
 _ = (DerpClientError, RecvPacket)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 follow-up: since the liveness/lease changes a worker of a "
-                   "just-joined node is sometimes not heard by the other node at all, and its keys stay "
-                   "until the tombstone horizon (fails about 3 runs in 4 on a quiet machine)")
 async def test_keys_of_a_member_heard_of_only_through_others_leave_when_it_goes_silent(tmp_path: Path) -> None:
     """Right after a join, a's workers may hold b's keys from a third party's repair before they
     ever heard b's worker itself; when b then goes silent those keys must still leave."""
