@@ -31,12 +31,21 @@ async def connect_when_up(url: str, ctx: ssl.SSLContext | None, wait: bool) -> D
     """Connect; with wait, retry until the node accepts (the node is being started right now)."""
     deadline = time.monotonic() + 60
     while True:
+        started = time.monotonic()
         try:
-            return await DerpClient.connect(url, ssl_context=ctx, is_prober=True)
+            client = await DerpClient.connect(url, ssl_context=ctx, is_prober=True)
+            if wait:
+                first_connect.append(time.monotonic() - started)
+            return client
         except (OSError, DerpClientError):
             if not wait or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.01)
+
+
+#: how long the first trial's connect to the starting node took, from its first accepted attempt
+#: (TLS, upgrade and the wait for ServerInfo: what the join gate adds shows up here)
+first_connect: list[float] = []
 
 
 async def trial(from_url: str, to_url: str, index: int, ctx: ssl.SSLContext | None, *, at_start: str = ""
@@ -76,6 +85,8 @@ async def measure(from_url: str, to_url: str, trials: int, ca_file: str, at_star
     reached = sorted(d * 1000 for d in delays if d is not None)
     summary: dict[str, object] = {"from": from_url, "to": to_url, "trials": trials, "reached": len(reached),
                                   "first_ms": None if delays[0] is None else round(delays[0] * 1000, 2)}
+    if first_connect:
+        summary["starting_node_connect_ms"] = round(first_connect[0] * 1000, 1)
     if reached:
         summary.update(p50_ms=round(statistics.median(reached), 2), p99_ms=round(percentile(reached, 0.99), 2),
                        max_ms=round(reached[-1], 2),
