@@ -3,7 +3,9 @@ mixes our node with a stock derper: every TLS, STUN and mesh probe must be good.
 
 derpprobe's mesh probe connects two clients (to one node, or to two nodes of a region), sends a
 packet at once and waits at most 100 ms before its cross-node probe: the strictest first-packet
-check a real program makes."""
+check a real program makes. derpprobe runs as soon as the region has started: a starting worker
+holds ServerInfo until it has joined its mesh (mesh/join_gate.py, docs/MESH.md), without which the
+cross-node probe failed about one run in ten."""
 
 from __future__ import annotations
 
