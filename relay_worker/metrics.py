@@ -109,7 +109,6 @@ DERPER_KEYS = (
 #: derpserver.go genDroppedCounters: pre-created for each of these reasons and each kind
 DERPER_DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
                        "write_error", "dup_client")
-DROP_KINDS = ("disco", "other")
 
 
 def derper_gauges(relay: Any) -> dict[str, int]:
