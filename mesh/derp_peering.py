@@ -22,6 +22,10 @@ log = logging.getLogger("mesh.derp_peering")
 
 #: bytes we let queue on a derper connection before dropping forwarded packets (slow peer)
 MAX_BUFFERED = 4 << 20
+#: derper's mesh client retries every 5 s (derphttp RunWatchConnectionLoop's retryInterval); we
+#: start at RETRY_FIRST and double up to that, so a broken peering heals as fast as derper's does
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
 #: derper's client reads with a 120 s deadline (derp_client.go Recv); the derper sends a KeepAlive
 #: every 60-65 s, so silence that long means a dead or half-open path: reconnect
 READ_TIMEOUT = 120.0
@@ -30,13 +34,16 @@ READ_TIMEOUT = 120.0
 class DerpMeshPeer:
     def __init__(self, url: str, mesh_key: str, private_key: PrivateKey, *,
                  on_present: Callable[[bytes, DerpMeshPeer], None],
-                 on_gone: Callable[[bytes, DerpMeshPeer], None], read_timeout: float = READ_TIMEOUT) -> None:
+                 on_gone: Callable[[bytes, DerpMeshPeer], None],
+                 on_watching: Callable[[DerpMeshPeer], None] | None = None, read_timeout: float = READ_TIMEOUT) -> None:
         self.url = url
         self.read_timeout = read_timeout
         self.mesh_key = mesh_key
         self.private_key = private_key
         self.on_present = on_present
         self.on_gone = on_gone
+        #: called each time the connection is up and WatchConns is sent (the worker's join gate waits for it)
+        self.on_watching = on_watching
         self.keys: set[bytes] = set()
         self.client: DerpClient | None = None
         self.task: asyncio.Task[None] | None = None
@@ -44,6 +51,7 @@ class DerpMeshPeer:
         self.forwarded = 0
         self.dropped = 0
         self.connects = 0
+        self.ever_watched = False  # connected and watching at least once
         self.last_error = ""
 
     def start(self) -> None:
@@ -70,7 +78,7 @@ class DerpMeshPeer:
         return True
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = RETRY_FIRST
         while True:
             try:
                 dial_url, tls_name = _dial_target(self.url)
@@ -80,8 +88,11 @@ class DerpMeshPeer:
                 self.connects += 1
                 await self.client.watch_conns()
                 self.connected = True
-                backoff = 0.5
+                backoff = RETRY_FIRST
                 log.info("meshed with derper %s", self.url)
+                self.ever_watched = True
+                if self.on_watching is not None:
+                    self.on_watching(self)
                 await self._receive(self.client)
             except (DerpClientError, OSError, TimeoutError, F.ProtocolError) as exc:
                 self.last_error = str(exc)
@@ -96,7 +107,10 @@ class DerpMeshPeer:
                     await self.client.close()
                     self.client = None
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            # before the first connection the derper is most likely starting beside us: keep trying
+            # at the first interval, so the worker's join (and its held handshakes) waits no longer
+            if self.ever_watched:
+                backoff = min(backoff * 2, RETRY_MAX)
 
     async def _receive(self, client: DerpClient) -> None:
         while True:

@@ -35,6 +35,7 @@ from relay_worker.relay import Forwarder
 from . import wire
 from .derp_peering import DerpMeshPeer
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
+from .join_gate import JoinGate
 from .liveness import PULSE, LoopMonitor, Pulser
 from .membership import Connect, Disconnect, DropKeys, Member, Membership, Rejoin, parse_hello
 from .publish_gate import PublishGate
@@ -56,6 +57,8 @@ FORGET_AFTER_DEAD_AFTERS = 4
 #: its key; past it the handshake proceeds (and is counted in publish_ack_timeouts). A live worker
 #: answers in one ipc round trip; this bound only matters for one that is dying or stalled.
 PUBLISH_ACK_TIMEOUT = 0.5
+#: how long a starting worker holds ServerInfo until it has joined its mesh (mesh.join_gate)
+JOIN_TIMEOUT = 5.0
 
 
 class AckCounters(Protocol):
@@ -168,6 +171,7 @@ class WorkerMesh:
         self._acks: dict[int, AckWait] = {}
         self._ack_seq = 0
         self.derp_peers: list[DerpMeshPeer] = []
+        self.join_gate: JoinGate[Owner] = JoinGate(time.monotonic(), JOIN_TIMEOUT)
         self.published: dict[bytes, Published] = {}
         self._pub_epoch = 0
         self._task: asyncio.Task[None] | None = None
@@ -265,7 +269,7 @@ class WorkerMesh:
 
     def mesh_with_derper(self, url: str, mesh_key: str) -> None:
         peer = DerpMeshPeer(url, mesh_key, self.relay.server_key, on_present=self._derper_key_present,
-                            on_gone=self._derper_key_gone)
+                            on_gone=self._derper_key_gone, on_watching=lambda _: self._check_joined())
         self.derp_peers.append(peer)
 
     def _derper_key_present(self, key: bytes, peer: DerpMeshPeer) -> None:
@@ -329,11 +333,41 @@ class WorkerMesh:
     def publication_barrier(self, callback: Callable[[], None]) -> None:
         """Call back once every live worker of this node has merged the local directory changes
         queued so far (so each of them routes to a key registered just now), or after
-        PUBLISH_ACK_TIMEOUT. Costs the handshake one ipc round trip and the hot path nothing."""
+        PUBLISH_ACK_TIMEOUT. Costs the handshake one ipc round trip and the hot path nothing.
+        Until this worker has joined its mesh it waits for that first (mesh.join_gate)."""
+        if not self.join_gate.joined:
+            self._check_joined()
+            if self.join_gate.hold(callback):
+                return
         if self._flush_scheduled:
             self._next_waiters.append(callback)
         else:
             callback()  # nothing waiting to go out (no peers, or no change to publish)
+
+    def _check_joined(self) -> None:
+        gate = self.join_gate
+        if gate.joined:
+            return
+        node = self.owner.node
+        seeds_heard = not self.membership.seeds or any(p.alive for o, p in self.peers.items() if o.node != node)
+        waiting = gate.check(time.monotonic(), members=self.peers, seeds_heard=seeds_heard,
+                             derpers_watched=all(p.ever_watched for p in self.derp_peers))
+        if not gate.joined:
+            return
+        if gate.timed_out:
+            log.warning("mesh: not joined within %.0fs (members not in sync: %s; seeds heard: %s; derpers "
+                        "watched: %d/%d); serving anyway", JOIN_TIMEOUT,
+                        ", ".join(f"{o.node}/{o.worker}" for o in gate.pending(set(self.peers))) or "none",
+                        seeds_heard, sum(1 for p in self.derp_peers if p.ever_watched), len(self.derp_peers))
+        if not waiting:
+            return
+        # Keys registered while joining may have gone to members not yet connected: send them
+        # again, and let their ServerInfo wait for the local acks as any other's does.
+        me = self.owner
+        self._queue_records([(key, e) for key in self.published for e in self.directory.entries_for(key)
+                             if e.owner == me])
+        for callback in waiting:
+            self.publication_barrier(callback)
 
     def _flush_records(self) -> None:
         self._flush_scheduled = False
@@ -458,6 +492,8 @@ class WorkerMesh:
             incarnation = wire.field(body, "inc", int)
             if kind == wire.HEARTBEAT:
                 self._on_heartbeat(sender, incarnation, body)
+                if not self.join_gate.joined:
+                    self._note_join_heartbeat(sender, body)
             elif kind == wire.DIR_DELTA:
                 endpoints = None
                 if "tcp" in body or "ipc" in body:
@@ -475,6 +511,9 @@ class WorkerMesh:
                 self.membership.heard(sender, incarnation, time.monotonic())
                 self._carry_out()
                 self._merge(wire.field(body, "entries", bytes))
+                if not self.join_gate.joined:
+                    self.join_gate.repaired(sender)
+                    self._check_joined()
                 if body.get("reply"):
                     ids = [i for i in wire.field(body, "ids", list) if isinstance(i, int)]
                     self._send_repair(sender, ids, reply=False)
@@ -483,6 +522,12 @@ class WorkerMesh:
         except (wire.WireError, DirectoryDecodeError, ValueError) as exc:
             self.bad_messages += 1
             log.warning("dropping malformed mesh message: %s", exc)
+
+    def _note_join_heartbeat(self, sender: Owner, body: dict[str, Any]) -> None:
+        me = [self.owner.node, self.owner.worker]
+        lists_us = any(isinstance(row, list) and row[:2] == me for row in body.get("members", ()))
+        self.join_gate.heartbeat(sender, lists_us=lists_us, same_digest=body.get("digest") == self.directory.digest())
+        self._check_joined()
 
     def _merge(self, encoded: bytes) -> None:
         self._apply_changes(self.directory.merge(decode_entries(encoded)))
@@ -561,6 +606,7 @@ class WorkerMesh:
             log.warning("mesh: this worker's loop ran %.1fs late", lag)
         self.membership.tick(now, self.directory)
         self._carry_out()
+        self._check_joined()
         self._sync_pulse_targets()
         self._renew_and_collect()
         self._publish_held(now)
@@ -602,6 +648,8 @@ class WorkerMesh:
                 "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
                 "incarnation": self.incarnation,
+                "joined": self.join_gate.joined,
+                "join_timed_out": self.join_gate.timed_out,
                 "derp_node": self.derp_node,
                 "derp_nodes": {f"{o.node}/{o.worker}": node for o, node in (self.derp_seen or {}).items()
                                if (peer := self.peers.get(o)) is not None and peer.alive},

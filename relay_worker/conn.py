@@ -27,6 +27,7 @@ from .handshake import ClientInfo, ServerInfo, mesh_key_matches
 from .keys import PublicKey
 from .ratelimit import MIN_READ_BURST, apply_read_limit, cancel_read_limit
 from .relay import Relay
+from .stats import packet_kind
 
 log = logging.getLogger("relay_worker.conn")
 
@@ -434,7 +435,7 @@ class DerpServerConn(asyncio.Protocol):
             stats.unknown_frames += 1
 
     def _unknown_destination(self, dst: bytes, payload: bytes) -> None:
-        self.relay.stats.drop("unknown_dest")
+        self.relay.stats.drop("unknown_dest", kind=packet_kind(payload[32:]), size=len(payload) - 32)
         self._not_here(dst, payload[32:])
 
     def _not_here(self, dst: bytes, packet: bytes) -> None:
@@ -511,11 +512,11 @@ class DerpServerConn(asyncio.Protocol):
                 queue = self.queue
                 if queue is None:
                     queue = self.queue = deque()
-            enqueue_packet(queue, frame, self.relay.queue_limit, stats)
+            enqueue_packet(queue, frame, self.relay.queue_limit, stats, kind="disco" if disco else "other")
             return
         transport = self.transport
         if transport is None:
-            stats.drop("gone_disconnected")
+            stats.drop("gone_disconnected", kind=packet_kind(payload[32:]), size=len(payload) - 32)
             return
         transport.write(frame)
         stats.packets_sent += 1
@@ -601,7 +602,11 @@ class DerpServerConn(asyncio.Protocol):
             transport.abort()
 
 
-def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any) -> None:
+#: a queued RecvPacket frame is header (5) + source key (32) + the packet
+RECV_FRAME_OVERHEAD = 5 + 32
+
+
+def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any, *, kind: str = "other") -> None:
     """derper's sendPkt: up to 3 tries to append, dropping the head (queue_head) each time the queue
     is full; if it is still full, the new packet is dropped (queue_tail). With one thread per worker
     the first head drop always makes room, so queue_tail is counted only if limit is 0."""
@@ -610,9 +615,8 @@ def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any) ->
             queue.append(frame)
             return
         if queue:
-            queue.popleft()
-            stats.drop("queue_head")
-    stats.drop("queue_tail")
+            stats.drop("queue_head", kind=kind, size=len(queue.popleft()) - RECV_FRAME_OVERHEAD)
+    stats.drop("queue_tail", kind=kind, size=len(frame) - RECV_FRAME_OVERHEAD)
 
 
 def take_token(tokens: float, stamp: float, now: float, *, rate: float = DISCO_PEER_GONE_PER_SEC,

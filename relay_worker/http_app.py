@@ -252,18 +252,18 @@ def build_app(
             # node-wide aggregation and the tests (derper's /debug/varz is Prometheus text, below)
             return json_response(await worker_json())
         if varz_text is None:
-            from .metrics import render_derper_varz
+            from .metrics import derper_gauges, render_derper_varz
 
-            text = render_derper_varz([relay.stats.snapshot()])
+            text = render_derper_varz([{**relay.stats.snapshot(), **derper_gauges(relay)}])
         else:
             text = await varz_text()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def expvars(request: Request) -> Response:
         if vars_json is None:
-            from .metrics import derper_expvar
+            from .metrics import derper_expvar, derper_gauges
 
-            return json_response(derper_expvar([relay.stats.snapshot()]))
+            return json_response(derper_expvar([{**relay.stats.snapshot(), **derper_gauges(relay)}]))
         return json_response(await vars_json())
 
     async def metrics(request: Request) -> Response:

@@ -99,11 +99,16 @@ DERPER_KEYS = (
     ("packets_forwarded_out", "packets_forwarded_out"),
     ("packets_forwarded_in", "packets_forwarded_in"),
     ("write_timeouts", "sclient_write_timeouts"),
+    ("current_notideal_connections", "gauge_current_notideal_connections"),
+    ("current_dup_client_keys", "gauge_current_dup_client_keys"),
+    ("current_dup_client_conns", "gauge_current_dup_client_conns"),
+    ("total_dup_client_conns", "counter_total_dup_client_conns"),
+    ("home_moves_in", "home_moves_in"),
+    ("home_moves_out", "home_moves_out"),
 )
 #: derpserver.go genDroppedCounters: pre-created for each of these reasons and each kind
 DERPER_DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head", "queue_tail",
                        "write_error", "dup_client")
-DROP_KINDS = ("disco", "other")
 
 
 def derper_gauges(relay: Any) -> dict[str, int]:
@@ -114,19 +119,34 @@ def derper_gauges(relay: Any) -> dict[str, int]:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
         fds = 0
-    return {"watchers": len(relay.watchers), "clients_local": len(relay.active), "current_file_descriptors": fds}
+    dups = relay.dups.values()
+    return {"watchers": len(relay.watchers), "clients_local": len(relay.active), "current_file_descriptors": fds,
+            # derper counts a connection not-ideal when its client said Ideal-Node names another node
+            "current_notideal_connections": sum(1 for conn in relay.connections
+                                                if conn.registered and not conn.ideal_node and not conn.websocket),
+            "current_dup_client_keys": len(relay.dups), "current_dup_client_conns": sum(len(g) for g in dups)}
 
 
 def _summed(snapshots: list[dict[str, Any]], field: str) -> int:
     return sum(int(s.get(field, 0) or 0) for s in snapshots)
 
 
-def _drops(snapshots: list[dict[str, Any]]) -> dict[str, int]:
+def _drops(snapshots: list[dict[str, Any]], field: str = "drops") -> dict[str, int]:
     reasons: dict[str, int] = dict.fromkeys(DERPER_DROP_REASONS, 0)
     for snap in snapshots:
-        for reason, count in snap.get("drops", {}).items():
+        for reason, count in snap.get(field, {}).items():
             reasons[reason] = reasons.get(reason, 0) + count
     return reasons
+
+
+def _by_kind(snapshots: list[dict[str, Any]], total: str, disco: str) -> dict[tuple[str, str], int]:
+    """(reason, kind) -> count, derper's dropReasonKindLabels: other = all - disco."""
+    all_kinds, discos = _drops(snapshots, total), _drops(snapshots, disco)
+    out: dict[tuple[str, str], int] = {}
+    for reason in sorted(set(all_kinds) | set(discos)):
+        out[(reason, "disco")] = discos.get(reason, 0)
+        out[(reason, "other")] = all_kinds.get(reason, 0) - discos.get(reason, 0)
+    return out
 
 
 def _stun_dispositions(stun: dict[str, int]) -> dict[str, int]:
@@ -142,9 +162,9 @@ def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[
                        clients_total: int | None = None) -> str:
     """Prometheus text as derper's /debug/varz writes it (tsweb/varz), summed over `snapshots`.
 
-    The drop counters carry derper's {reason, kind} labels, pre-created for the 7 derper reasons
-    and both kinds. This project does not classify drops by kind: every drop is reported as
-    kind="other" (and derp_bytes_dropped is not published, since dropped bytes are not counted).
+    The drop counters (packets and bytes) carry derper's {reason, kind} labels, pre-created for
+    the 7 derper reasons and both kinds, plus our own reasons (rate_limited, mesh_full). Packets
+    dropped in a batch forwarded by our own mesh are counted as kind="other" without bytes.
     """
     lines: list[str] = []
     for field, key in sorted(DERPER_KEYS, key=lambda fk: fk[1]):
@@ -158,14 +178,18 @@ def render_derper_varz(snapshots: list[dict[str, Any]], stun_dispositions: dict[
         lines.append(f"# TYPE derp_clients_remote gauge\nderp_clients_remote {max(clients_total - local, 0)}")
     lines.append("# TYPE derp_websocket_accepts counter\n"
                  f"derp_websocket_accepts {_summed(snapshots, 'websocket_accepts')}")
-    drops = _drops(snapshots)
-    dropped = ["# TYPE derp_packets_dropped counter",
-               "# HELP derp_packets_dropped DERP packets dropped by reason and by kind"]
-    for reason in sorted(drops):
-        for kind in DROP_KINDS:
-            value = drops[reason] if kind == "other" else 0
-            dropped.append(f'derp_packets_dropped{{kind="{kind}",reason="{reason}"}} {value}')
-    lines.append("\n".join(dropped))
+    for name, total, disco, what in (("derp_bytes_dropped", "bytes_dropped", "disco_bytes_dropped", "bytes"),
+                                     ("derp_packets_dropped", "drops", "disco_drops", "packets")):
+        dropped = [f"# TYPE {name} counter", f"# HELP {name} DERP {what} dropped by reason and by kind"]
+        for (reason, kind), value in _by_kind(snapshots, total, disco).items():
+            dropped.append(f'{name}{{reason="{reason}",kind="{kind}"}} {value}')
+        lines.append("\n".join(dropped))
+    started = min((float(s.get("started", 0) or 0) for s in snapshots), default=0.0)
+    if started:
+        import time
+
+        lines.append(f"# TYPE process_start_unix_time gauge\nprocess_start_unix_time {int(started)}")
+        lines.append(f"# TYPE uptime_sec counter\nuptime_sec {int(time.time() - started)}")
     if stun_dispositions is not None:
         stun = ["# TYPE stun_requests counter"]
         for disposition, count in sorted(_stun_dispositions(stun_dispositions).items()):
@@ -179,8 +203,10 @@ def derper_expvar(snapshots: list[dict[str, Any]], stun_dispositions: dict[str, 
     doc: dict[str, Any] = {
         "derp": {key: _summed(snapshots, field) for field, key in sorted(DERPER_KEYS, key=lambda fk: fk[1])},
         "derp_websocket_accepts": _summed(snapshots, "websocket_accepts"),
-        "derp_packets_dropped": {f"{kind},{reason}": (count if kind == "other" else 0)
-                                 for reason, count in sorted(_drops(snapshots).items()) for kind in DROP_KINDS},
+        "derp_packets_dropped": {f"{reason},{kind}": count
+                                 for (reason, kind), count in _by_kind(snapshots, "drops", "disco_drops").items()},
+        "derp_bytes_dropped": {f"{reason},{kind}": count for (reason, kind), count
+                               in _by_kind(snapshots, "bytes_dropped", "disco_bytes_dropped").items()},
     }
     if stun_dispositions is not None:
         doc["stun_requests"] = _stun_dispositions(stun_dispositions)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import frames as F
 from .handshake import ServerHandshake
 from .keys import PrivateKey, PublicKey
-from .stats import WorkerStats
+from .stats import WorkerStats, packet_kind
 
 if TYPE_CHECKING:
     from .conn import DerpServerConn
@@ -141,6 +141,7 @@ class Relay:
         else:
             group = self.dups.setdefault(key, [existing])
             group.append(conn)
+            self.stats.total_dup_client_conns += 1
             for other in group:
                 other.has_dup = True
             self._activate(key, conn)
@@ -211,6 +212,10 @@ class Relay:
     def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
         if preferred != conn.preferred and conn.registered:
             self.stats.current_home_connections += 1 if preferred else -1
+            if preferred:  # derper's setPreferred: home_moves_in / home_moves_out
+                self.stats.home_moves_in += 1
+            else:
+                self.stats.home_moves_out += 1
         conn.preferred = preferred
         if not conn.registered:
             return
@@ -338,7 +343,7 @@ class Relay:
         if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(src=src, dst=dst, packet=packet):
             self.stats.packets_forwarded_out += 1
             return True
-        self.stats.drop("unknown_dest_on_fwd")
+        self.stats.drop("unknown_dest_on_fwd", kind=packet_kind(packet), size=len(packet))
         return False
 
     # -- periodic work ------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .frames import looks_like_disco
+
 DROP_REASONS = (
     "unknown_dest",
     "unknown_dest_on_fwd",
@@ -16,6 +18,11 @@ DROP_REASONS = (
     "rate_limited",
     "mesh_full",
 )
+
+
+def packet_kind(packet: bytes) -> str:
+    """derper's packet kind for its drop labels: "disco" for a disco message (magic, key, nonce), else "other"."""
+    return "disco" if looks_like_disco(packet) else "other"
 
 
 @dataclass(slots=True)
@@ -48,14 +55,33 @@ class WorkerStats:
     #: handshakes that waited for the node's acknowledgement, and the total wait (seconds)
     publish_waits: int = 0
     publish_wait_seconds: float = 0.0
+    #: derper: home_moves_in/out (NotePreferred turning true/false) and counter_total_dup_client_conns
+    home_moves_in: int = 0
+    home_moves_out: int = 0
+    total_dup_client_conns: int = 0
+    #: packets dropped per reason (all kinds), and of those the disco ones (derper's kind="disco")
     drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    disco_drops: dict[str, int] = field(default_factory=dict)
+    #: derper's derp_bytes_dropped: packet bytes dropped per reason, all kinds and disco only
+    bytes_dropped: dict[str, int] = field(default_factory=dict)
+    disco_bytes_dropped: dict[str, int] = field(default_factory=dict)
 
-    def drop(self, reason: str, n: int = 1) -> None:
+    def drop(self, reason: str, n: int = 1, *, kind: str = "other", size: int = 0) -> None:
+        """n packets dropped for reason; kind ("disco" or "other", see `packet_kind`) and their
+        total size in bytes as derper labels derp_packets_dropped and derp_bytes_dropped."""
         self.drops[reason] = self.drops.get(reason, 0) + n
+        if size:
+            self.bytes_dropped[reason] = self.bytes_dropped.get(reason, 0) + size
+        if kind == "disco":
+            self.disco_drops[reason] = self.disco_drops.get(reason, 0) + n
+            if size:
+                self.disco_bytes_dropped[reason] = self.disco_bytes_dropped.get(reason, 0) + size
 
     def snapshot(self) -> dict[str, object]:
-        doc = {name: getattr(self, name) for name in self.__slots__ if name != "drops"}  # type: ignore[attr-defined]
-        doc["drops"] = dict(self.drops)
+        doc = {name: getattr(self, name) for name in self.__slots__ if not name.endswith("drops")  # type: ignore[attr-defined]
+               and not name.endswith("dropped")}
+        for name in ("drops", "disco_drops", "bytes_dropped", "disco_bytes_dropped"):
+            doc[name] = dict(getattr(self, name))
         doc["packets_dropped"] = sum(self.drops.values())
         doc["uptime"] = time.time() - self.started
         return doc

@@ -69,3 +69,23 @@ def test_server_key_file_is_private_and_stable(one_worker: ClusterProcess) -> No
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     doc = json.loads(path.read_text())
     assert doc["PrivateKey"].startswith("privkey:") and len(doc["PrivateKey"]) == 8 + 64
+
+
+def test_derper_varz_splits_drops_by_kind_and_counts_dropped_bytes() -> None:
+    from relay_worker import frames as F
+    from relay_worker.metrics import render_derper_varz
+    from relay_worker.stats import WorkerStats, packet_kind
+
+    stats = WorkerStats()
+    disco = F.DISCO_MAGIC + bytes(F.DISCO_MIN_LEN)
+    stats.drop("unknown_dest", kind=packet_kind(disco), size=len(disco))
+    stats.drop("unknown_dest", kind=packet_kind(b"x" * 100), size=100)
+    stats.drop("queue_head", 2)
+    stats.home_moves_in += 1
+    text = render_derper_varz([stats.snapshot()])
+    assert 'derp_packets_dropped{reason="unknown_dest",kind="disco"} 1' in text
+    assert 'derp_packets_dropped{reason="unknown_dest",kind="other"} 1' in text
+    assert 'derp_packets_dropped{reason="queue_head",kind="other"} 2' in text
+    assert f'derp_bytes_dropped{{reason="unknown_dest",kind="disco"}} {len(disco)}' in text
+    assert 'derp_bytes_dropped{reason="unknown_dest",kind="other"} 100' in text
+    assert "derp_home_moves_in 1" in text and "derp_home_moves_out 0" in text

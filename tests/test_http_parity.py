@@ -217,7 +217,7 @@ async def test_debug_varz_is_derpers_prometheus_text(node: ClusterProcess) -> No
                "write_error", "dup_client")
     for reason in reasons:
         for kind in ("disco", "other"):
-            assert f'derp_packets_dropped{{kind="{kind}",reason="{reason}"}}' in metrics
+            assert f'derp_packets_dropped{{reason="{reason}",kind="{kind}"}}' in metrics
 
 
 def test_debug_vars_and_index(node: ClusterProcess) -> None:
