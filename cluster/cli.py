@@ -30,7 +30,7 @@ def _warn(line: str) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
-    from .derper_flags import not_applied_warnings, unknown_derp_env
+    from .derper_flags import unknown_derp_env
     from .exposure import open_relay_warning
     from .supervisor import Supervisor
 
@@ -39,8 +39,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     for name in unknown_derp_env(os.environ):
         _warn(f"{name} is not a variable this relay reads; ignored (docs/DERPER-FLAGS.md lists them)")
     config = _config_from(args)
-    for line in not_applied_warnings(config.values):
-        _warn(line)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(config)
     supervisor.prepare()

@@ -94,24 +94,6 @@ COMPAT_ENV = {
 }
 
 
-#: settings accepted (so derper command lines start) that workers do not act on yet; a non-default
-#: value gets one warning at start. Whoever implements one removes it here. (-home and the
-#: bootstrap-DNS names are the HTTP edge's, branch edge.)
-NOT_APPLIED_YET: dict[str, str] = {
-    "server.derp": "-derp=false: /derp is still served",
-    "limits.tcp_user_timeout": "-tcp-user-timeout: the kernel default applies",
-    "limits.tcp_keepalive_time": "-tcp-keepalive-time: the kernel default applies",
-}
-
-
-def not_applied_warnings(values: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key, what in NOT_APPLIED_YET.items():
-        if key in SETTINGS_BY_KEY and values.get(key) != SETTINGS_BY_KEY[key].default:
-            out.append(f"{key} is accepted but not applied by this version ({what})")
-    return out
-
-
 @dataclass
 class Parsed:
     flags: dict[str, Any] = field(default_factory=dict)  # setting key -> raw value

@@ -180,15 +180,18 @@ async def worker_main(config: Config, index: int, incarnation: int, control_fd: 
 
     bootstrap = BootstrapDNS(config.bootstrap_dns_names, config.unpublished_bootstrap_dns_names)
     bootstrap.start()
+    derp_enabled = bool(config.values["server.derp"])
+    # -derp=false: no connection is taken over for DERP; /derp answers the app's 404
+    derp_relay = relay if derp_enabled else None
     app = build_app(relay, admin_token=config.admin_token_value(), node_stats=node_stats,
                     metrics_text=metrics_text, varz_text=varz_text, vars_json=vars_json,
-                    home=config.home, bootstrap_dns=bootstrap)
+                    home=config.home, bootstrap_dns=bootstrap, derp_enabled=derp_enabled)
     read_timeout = config.limits_http_read_timeout
-    server = WorkerServer(uvicorn_config(app, relay, log_level=config.log_level, accept_gate=accept_gate,
+    server = WorkerServer(uvicorn_config(app, derp_relay, log_level=config.log_level, accept_gate=accept_gate,
                                          ssl_context=ssl_context, read_timeout=read_timeout), relay)
     # uvicorn puts TLS on every socket one server serves: with TLS, the admin unix socket (and the
     # plain-HTTP /generate_204 port) get a plain side server of their own.
-    side = await SideServers.start(config, uvicorn_config(app, relay, log_level=config.log_level,
+    side = await SideServers.start(config, uvicorn_config(app, derp_relay, log_level=config.log_level,
                                                           read_timeout=read_timeout),
                                    admin_sock if ssl_context else None)
     if control_fd >= 0:

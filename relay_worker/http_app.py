@@ -55,10 +55,12 @@ HOME_PAGE = """<html><body>
   <li><a href="https://pkg.go.dev/tailscale.com/derp">Protocol & Go docs</a></li>
   <li><a href="https://github.com/tailscale/tailscale/tree/main/cmd/derper#derp">How to run a DERP server</a></li>
 </ul>
-{debug}
+{status}{debug}
 </body>
 </html>
 """
+#: derper's template with -derp=false
+HOME_DISABLED = "\n<p>Status: <b>disabled</b></p>\n"
 HOME_DEBUG_LINK = "\n<p>Debug info at <a href='/debug/'>/debug/</a>.</p>\n"
 
 #: Tailscale addresses (tsaddr.IsTailscaleIP): CGNAT minus the ChromeOS VM range, and the ULA /48
@@ -194,6 +196,7 @@ def build_app(
     vars_json: StatsProvider | None = None,
     home: str = "",
     bootstrap_dns: Any = None,
+    derp_enabled: bool = True,
 ) -> App:
     check_home(home)
 
@@ -205,7 +208,8 @@ def build_app(
             body = f'<a href="{escape(home, quote=True)}">Found</a>.\n\n' if request.method in ("GET", "HEAD") else ""
             return Response(body, status_code=302, media_type=HTML, headers={**BROWSER_HEADERS, "Location": home})
         debug = HOME_DEBUG_LINK if admin_allowed(request, "") else ""
-        return Response(HOME_PAGE.format(debug=debug), media_type=HTML, headers=BROWSER_HEADERS)
+        status = "" if derp_enabled else HOME_DISABLED
+        return Response(HOME_PAGE.format(status=status, debug=debug), media_type=HTML, headers=BROWSER_HEADERS)
 
     async def robots(request: Request) -> Response:
         return Response("User-agent: *\nDisallow: /\n", media_type=TEXT, headers=BROWSER_HEADERS)
@@ -216,6 +220,8 @@ def build_app(
         return Response(b"", status_code=200, headers={"Access-Control-Allow-Origin": "*"})
 
     async def derp_http(request: Request) -> Response:
+        if not derp_enabled:  # derper -derp=false: every /derp request, upgrades included
+            return http_error("derp server disabled", 404)
         # Upgrades never get here: the HTTP protocol switched them to DerpServerConn already.
         return http_error("DERP requires connection upgrade", 426)
 

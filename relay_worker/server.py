@@ -130,7 +130,7 @@ class WorkerServer(uvicorn.Server):
                 conn.transport.abort()
 
 
-def uvicorn_config(app: Any, relay: Relay, *, log_level: str = "info", ssl_context: ssl.SSLContext | None = None,
+def uvicorn_config(app: Any, relay: Relay | None, *, log_level: str = "info", ssl_context: ssl.SSLContext | None = None,
                    accept_gate: Callable[[Any], bool] | None = None,
                    read_timeout: float = READ_TIMEOUT) -> uvicorn.Config:
     config = uvicorn.Config(

@@ -325,3 +325,19 @@ def test_mesh_with_derpers_host_slash_dialhost_form(tmp_path: Path) -> None:
 def test_rate_config_is_derpers_file() -> None:
     config, _ = settings_for(["-rate-config=/etc/derper/rate.json"])
     assert config.values["limits.rate_config"] == "/etc/derper/rate.json"
+
+
+def test_tcp_timeouts_from_derper_flags_reach_the_listening_socket() -> None:
+    import socket
+
+    from relay_worker.server import make_listen_socket
+
+    values = settings_for(["-tcp-user-timeout=5s", "-tcp-keepalive-time=3m"])[0].values
+    sock = make_listen_socket("127.0.0.1", 0, user_timeout=values["limits.tcp_user_timeout"],
+                              keepalive_idle=values["limits.tcp_keepalive_time"])
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 5000
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 180
+    finally:
+        sock.close()
