@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypeAlias
+
+#: what a frame's payload is on the hot path: a zero-copy view into a read, or bytes
+Payload: TypeAlias = bytes | memoryview
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"
 PROTOCOL_VERSION = 2
@@ -307,22 +311,44 @@ class FrameParser:
     handleUnknownFrame reads and discards frames of any size).
     """
 
-    __slots__ = ("_buf", "_skip", "max_frame_len", "oversize_fatal")
+    __slots__ = ("_buf", "_fatal", "_limit", "_need", "_skip")
 
     def __init__(self, max_frame_len: int = MAX_INFO_LEN) -> None:
         self._buf = bytearray()
         self._skip = 0
-        self.max_frame_len = max_frame_len
-        self.oversize_fatal: frozenset[int] | None = None
+        #: how long the buffered remainder must grow before a frame can be complete: until then a
+        #: read is only appended (a byte-at-a-time sender costs O(its bytes), not O(buffered) per read)
+        self._need = 0
+        self._limit = max_frame_len
+        self._fatal: frozenset[int] | None = None
+
+    @property
+    def max_frame_len(self) -> int:
+        return self._limit
+
+    @max_frame_len.setter
+    def max_frame_len(self, limit: int) -> None:
+        self._limit = limit
+        self._need = 0  # the buffered header is checked again against the new limit
+
+    @property
+    def oversize_fatal(self) -> frozenset[int] | None:
+        return self._fatal
+
+    @oversize_fatal.setter
+    def oversize_fatal(self, types: frozenset[int] | None) -> None:
+        self._fatal = types
+        self._need = 0
 
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
+    def feed(self, data: Payload) -> list[tuple[int, memoryview]]:
         """Append `data` and return every frame now complete, in order.
 
         Payloads are zero-copy views into immutable bytes: valid as long as the caller holds them,
-        never changed underneath. A frame cut by a read boundary costs one copy of that read.
+        never changed underneath. A frame cut by read boundaries is copied once more when its last
+        byte arrives; the reads before that are only appended.
         """
         if self._skip:
             if len(data) <= self._skip:
@@ -333,18 +359,20 @@ class FrameParser:
         buf = self._buf
         if buf:
             buf += data
+            if len(buf) < self._need:
+                return []
             data = bytes(buf)
             buf.clear()
         view = memoryview(data)
         frames: list[tuple[int, memoryview]] = []
         pos = 0
         end = len(data)
-        limit = self.max_frame_len
+        limit = self._limit
         unpack = _HEADER.unpack_from
         while end - pos >= HEADER_LEN:
             frame_type, length = unpack(data, pos)
             if length > limit:
-                fatal = self.oversize_fatal
+                fatal = self._fatal
                 if fatal is not None and frame_type not in fatal:
                     stop = pos + HEADER_LEN + length
                     if stop <= end:
@@ -362,4 +390,6 @@ class FrameParser:
             pos = stop
         if pos < end:
             buf += view[pos:]
+            # a remainder of a header or more already passed the length check above
+            self._need = HEADER_LEN if end - pos < HEADER_LEN else HEADER_LEN + unpack(data, pos)[1]
         return frames
