@@ -69,6 +69,12 @@ def _first(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
+def is_ideal_node(headers: list[tuple[bytes, bytes]]) -> bool:
+    """derper's handler: the client says this is not its ideal node when the first `Ideal-Node`
+    value is non-empty (Go's Header.Get; textproto strips the value's surrounding blanks)."""
+    return not _first(headers, b"ideal-node").strip(b" \t")
+
+
 def _tls_protocol_class(loop: Any) -> Any:
     """uvloop's TLS protocol on a uvloop loop (what its create_server(ssl=) uses: C, not Python),
     else asyncio's."""
@@ -376,8 +382,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         relay = self.relay
         fast_start = _first(headers, b"derp-fast-start").strip() == b"1"
         preamble = b"" if fast_start else switching_protocols_response(relay.server_public)
-        names = {name for name, _ in headers}
-        conn = DerpServerConn(relay, self.client, ideal_node=b"ideal-node" not in names, preamble=preamble)
+        conn = DerpServerConn(relay, self.client, ideal_node=is_ideal_node(headers), preamble=preamble)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         self.flow.resume_reading()

@@ -23,6 +23,7 @@ from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, PeerGone, Pong
 from relay_worker.conn import DerpServerConn, present_flags, take_token
 from relay_worker.handshake import ClientInfo, seal_client_info
+from relay_worker.http_protocol import is_ideal_node
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Relay
 from tests.support import ClusterProcess, RawConn, await_until, free_port_range
@@ -326,6 +327,35 @@ async def test_c1_c3_watchers_see_a_prober_as_0x04_and_any_frame_makes_a_duplica
             assert packet.data == b"to the last speaker"
         finally:
             for c in (watcher, prober, first, second, sender):
+                await c.close()
+
+
+def test_c1_an_empty_ideal_node_header_is_the_ideal_node() -> None:
+    # derper's handler: `r.Header.Get("Ideal-Node") != ""` marks the connection not ideal
+    assert is_ideal_node([])
+    assert is_ideal_node([(b"ideal-node", b"")])
+    assert is_ideal_node([(b"ideal-node", b" \t ")])
+    assert is_ideal_node([(b"ideal-node", b""), (b"ideal-node", b"901a")])  # Header.Get: the first value
+    assert not is_ideal_node([(b"ideal-node", b"901a")])
+    assert not is_ideal_node([(b"host", b"x"), (b"ideal-node", b"901a"), (b"ideal-node", b"")])
+
+
+async def test_c1_watchers_see_not_ideal_only_for_a_non_empty_ideal_node_header(mesh_key_file: Path) -> None:
+    with ClusterProcess("--mesh-key-file", str(mesh_key_file), workers=1) as node:
+        watcher = await DerpClient.connect(node.url, mesh_key=MESH_KEY)
+        await watcher.watch_conns()
+        empty = await DerpClient.connect(node.url, extra_headers={"Ideal-Node": ""})
+        named = await DerpClient.connect(node.url, extra_headers={"Ideal-Node": "901a"})
+        try:
+            flags: dict[bytes, int] = {}
+            while len(flags) < 2:
+                event = await watcher.recv(timeout=10)
+                if isinstance(event, F.PeerPresent) and event.key in (empty.public_key, named.public_key):
+                    flags[event.key] = event.flags
+            assert flags[empty.public_key] == F.PEER_PRESENT_IS_REGULAR
+            assert flags[named.public_key] == F.PEER_PRESENT_NOT_IDEAL
+        finally:
+            for c in (watcher, empty, named):
                 await c.close()
 
 
