@@ -173,7 +173,7 @@ def build_restarting(reconnect_in_ms: int, try_for_ms: int) -> bytes:
 # -- payload parsers ------------------------------------------------------------------------------
 
 
-def parse_server_key(payload: bytes) -> bytes:
+def parse_server_key(payload: Payload) -> bytes:
     """Return the server's public key from a ServerKey payload (trailing bytes are for future use)."""
     if len(payload) < len(MAGIC) + KEY_LEN:
         raise ProtocolError(f"ServerKey frame too short ({len(payload)} bytes)")
@@ -182,7 +182,7 @@ def parse_server_key(payload: bytes) -> bytes:
     return bytes(payload[len(MAGIC) : len(MAGIC) + KEY_LEN])
 
 
-def parse_client_info(payload: bytes) -> tuple[bytes, bytes, bytes]:
+def parse_client_info(payload: Payload) -> tuple[bytes, bytes, bytes]:
     """Split ClientInfo into (client public key, nonce, sealed box)."""
     if len(payload) > MAX_INFO_LEN:
         raise ProtocolError(f"ClientInfo of {len(payload)} bytes exceeds {MAX_INFO_LEN}")
@@ -195,13 +195,13 @@ def parse_client_info(payload: bytes) -> tuple[bytes, bytes, bytes]:
     )
 
 
-def parse_server_info(payload: bytes) -> tuple[bytes, bytes]:
+def parse_server_info(payload: Payload) -> tuple[bytes, bytes]:
     if len(payload) < NONCE_LEN:
         raise ProtocolError(f"ServerInfo frame too short ({len(payload)} bytes)")
     return bytes(payload[:NONCE_LEN]), bytes(payload[NONCE_LEN:])
 
 
-def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
+def parse_send_packet(payload: Payload) -> tuple[bytes, bytes]:
     """Return (dst, packet) of a SendPacket payload."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("SendPacket frame shorter than a key")
@@ -210,14 +210,14 @@ def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN:])
 
 
-def parse_recv_packet(payload: bytes) -> tuple[bytes, bytes]:
+def parse_recv_packet(payload: Payload) -> tuple[bytes, bytes]:
     """Return (src, packet) of a v2 RecvPacket payload."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("RecvPacket frame shorter than a key")
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN:])
 
 
-def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
+def parse_forward_packet(payload: Payload) -> tuple[bytes, bytes, bytes]:
     """Return (src, dst, packet) of a ForwardPacket payload."""
     if len(payload) < 2 * KEY_LEN:
         raise ProtocolError("ForwardPacket frame shorter than two keys")
@@ -226,13 +226,13 @@ def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN : 2 * KEY_LEN]), bytes(payload[2 * KEY_LEN :])
 
 
-def parse_note_preferred(payload: bytes) -> bool:
+def parse_note_preferred(payload: Payload) -> bool:
     if len(payload) < 1:
         raise ProtocolError("NotePreferred frame is empty")
     return payload[0] != 0
 
 
-def parse_peer_gone(payload: bytes) -> tuple[bytes, int]:
+def parse_peer_gone(payload: Payload) -> tuple[bytes, int]:
     """Return (peer, reason); a bare key (old servers) means disconnected."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("PeerGone frame shorter than a key")
@@ -248,7 +248,7 @@ class PeerPresent:
     flags: int = 0
 
 
-def parse_peer_present(payload: bytes) -> PeerPresent:
+def parse_peer_present(payload: Payload) -> PeerPresent:
     if len(payload) < KEY_LEN:
         raise ProtocolError("PeerPresent frame shorter than a key")
     key = bytes(payload[:KEY_LEN])
@@ -260,13 +260,13 @@ def parse_peer_present(payload: bytes) -> PeerPresent:
     return PeerPresent(key, ip, port, flags)
 
 
-def parse_close_peer(payload: bytes) -> bytes:
+def parse_close_peer(payload: Payload) -> bytes:
     if len(payload) != KEY_LEN:
         raise ProtocolError("ClosePeer frame must carry exactly one key")
     return bytes(payload)
 
 
-def parse_ping(payload: bytes) -> bytes:
+def parse_ping(payload: Payload) -> bytes:
     """Return the 8 bytes to echo; derper allows 8..1000 byte pings and echoes the first 8."""
     if len(payload) < PING_LEN:
         raise ProtocolError(f"Ping frame too short ({len(payload)} bytes)")
@@ -275,24 +275,24 @@ def parse_ping(payload: bytes) -> bytes:
     return bytes(payload[:PING_LEN])
 
 
-def parse_pong(payload: bytes) -> bytes:
+def parse_pong(payload: Payload) -> bytes:
     if len(payload) < PING_LEN:
         raise ProtocolError("Pong frame too short")
     return bytes(payload[:PING_LEN])
 
 
-def parse_restarting(payload: bytes) -> tuple[int, int]:
+def parse_restarting(payload: Payload) -> tuple[int, int]:
     """Return (reconnect_in_ms, try_for_ms)."""
     if len(payload) < 8:
         raise ProtocolError("Restarting frame too short")
     return _U32X2.unpack_from(payload)
 
 
-def parse_health(payload: bytes) -> str:
+def parse_health(payload: Payload) -> str:
     return bytes(payload).decode("utf-8", "replace")
 
 
-def looks_like_disco(packet: bytes) -> bool:
+def looks_like_disco(packet: Payload) -> bool:
     return len(packet) >= DISCO_MIN_LEN and packet[: len(DISCO_MAGIC)] == DISCO_MAGIC
 
 

@@ -108,7 +108,7 @@ def connect(relay: Relay, port: int) -> tuple[DerpServerConn, FakeTransport, byt
     sent = [frame_type for frame_type, _ in frames_of(transport.data)]
     assert sent[:2] == [F.SERVER_KEY, F.SERVER_INFO], f"handshake did not complete: {sent}"
     public = key.public().raw
-    assert relay.clients.get(public) is conn
+    assert relay.clients.get(public) is conn.session
     transport.data.clear()
     transport.writes = 0
     return conn, transport, public

@@ -21,11 +21,12 @@ from mesh.directory import Entry, Owner, encode_entries
 from mesh.hlc import pack
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, PeerGone, Pong
-from relay_worker.conn import DerpServerConn, present_flags, take_token
+from relay_worker.conn import DerpServerConn
 from relay_worker.handshake import ClientInfo, seal_client_info
 from relay_worker.http_protocol import is_ideal_node
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Relay
+from relay_worker.session import present_flags, take_token
 from tests.support import ClusterProcess, RawConn, await_until, free_port_range
 
 pytestmark = pytest.mark.slow
@@ -412,8 +413,8 @@ async def test_c15_keepalive_period_is_60s_plus_per_connection_jitter() -> None:
         transport, conn = await loop.connect_accepted_socket(lambda: DerpServerConn(relay), ours)
         key = PrivateKey.generate()
         conn.data_received(seal_client_info(key, relay.server_public, ClientInfo()))
-        assert conn.registered
-        periods.add(conn.keepalive_period)
+        assert conn.session.registered
+        periods.add(conn.session.keepalive_period)
         transport.close()
         theirs.close()
     assert periods <= set(range(60, 65)) and len(periods) > 1, periods
