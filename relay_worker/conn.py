@@ -50,7 +50,7 @@ class DerpServerConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         charged = self.session.receive_data(data, time.monotonic())
-        if charged:
+        if charged is not None:
             apply_read_limit(self.session, charged)
 
     def eof_received(self) -> bool | None:

@@ -160,15 +160,15 @@ class ServerSession:
         self.preamble = b""
         self.handshake_deadline = now + relay.handshake_timeout
 
-    def receive_data(self, data: Payload, now: float) -> int:
+    def receive_data(self, data: Payload, now: float) -> int | None:
         """Handle what one read returned. Returns the bytes to charge against the client's read
-        limit (derper charges each frame's length, no header, clamped to one full SendPacket), or 0
-        when the relay has no limit."""
+        limit (derper charges each frame's length, no header, clamped to one full SendPacket), or
+        None when the relay has no limit or the read held no complete frame."""
         try:
             frames = self.parser.feed(data)
         except F.ProtocolError as exc:
             self._protocol_error(str(exc))
-            return 0
+            return None
         if self.state == ACTIVE:
             if self.has_dup and frames:
                 self.relay.note_activity(self, now)
@@ -177,7 +177,7 @@ class ServerSession:
             self._handle_handshake_frames(frames, now)
         if self.relay.token_bucket_rate and frames:
             return sum(min(len(payload), MIN_READ_BURST) for _, payload in frames)
-        return 0
+        return None
 
     def handshake_timer(self, now: float) -> None:
         """The handshake deadline may be due: close a client that has not sent its ClientInfo."""
