@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from time import monotonic
 from typing import Any
 
 from .ratelimit import apply_read_limit, cancel_read_limit
@@ -45,11 +45,11 @@ class DerpServerConn(asyncio.Protocol):
         high, low = (HIGH_WATER, LOW_WATER) if tls else (WRITE_HIGH_WATER, WRITE_LOW_WATER)
         with contextlib.suppress(AttributeError, NotImplementedError):
             transport.set_write_buffer_limits(high=high, low=low)
-        session.start(transport, time.monotonic(), tls=tls)
+        session.start(transport, monotonic(), tls=tls)
         self.timer = asyncio.get_running_loop().call_later(session.relay.handshake_timeout, self._handshake_due)
 
     def data_received(self, data: bytes) -> None:
-        charged = self.session.receive_data(data, time.monotonic())
+        charged = self.session.receive_data(data, monotonic())
         if charged is not None:
             apply_read_limit(self.session, charged)
 
@@ -64,7 +64,7 @@ class DerpServerConn(asyncio.Protocol):
         self.session.connection_lost()
 
     def pause_writing(self) -> None:
-        self.session.pause_writing(time.monotonic())
+        self.session.pause_writing(monotonic())
 
     def resume_writing(self) -> None:
         self.session.resume_writing()
@@ -73,4 +73,4 @@ class DerpServerConn(asyncio.Protocol):
         # the loop's timer is this deadline's clock (as in aioquic's shell): it is due now
         self.timer = None
         session = self.session
-        session.handshake_timer(max(time.monotonic(), session.handshake_deadline))
+        session.handshake_timer(max(monotonic(), session.handshake_deadline))
