@@ -82,7 +82,7 @@ def _select_derp(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Su
 
 
 class WebSocketDerp(asyncio.Protocol):
-    """The asyncio Protocol of the socket, and the transport DerpServerConn writes to."""
+    """The asyncio Protocol of the socket, and the transport its DERP session (DerpServerConn, session.py) writes to."""
 
     def __init__(self, relay: Relay, transport: Any, peer: Any) -> None:
         self.relay = relay
@@ -93,7 +93,7 @@ class WebSocketDerp(asyncio.Protocol):
         self.conn: DerpServerConn | None = None
         self.closing = False
         self.text_message = False  # inside a text message (its continuation frames are refused too)
-        self.derp_paused = False  # DerpServerConn asked for reading to stop (admission)
+        self.derp_paused = False  # the DERP session asked for reading to stop (admission)
         self.pong_paused = False  # our pongs filled the write buffer
         self.write_paused = False
         self.abort_timer: Any = None
@@ -196,7 +196,7 @@ class WebSocketDerp(asyncio.Protocol):
         if self.conn is not None:
             self.conn.resume_writing()
 
-    # -- the transport surface DerpServerConn uses ----------------------------------------------------
+    # -- the transport surface the DERP session uses (seams.Transport) ---------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":

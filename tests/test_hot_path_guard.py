@@ -289,7 +289,7 @@ class CountingForwarder:
         self.forwarded = 0
         self.remote: set[bytes] = set()
 
-    def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+    def forward(self, *, dst: bytes, src: bytes, packet: F.Payload) -> bool:
         if dst not in self.remote:
             return False
         self.forwarded += 1
