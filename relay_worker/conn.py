@@ -49,9 +49,10 @@ class DerpServerConn(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(session.relay.handshake_timeout, self._handshake_due)
 
     def data_received(self, data: bytes) -> None:
-        charged = self.session.receive_data(data, monotonic())
+        session = self.session
+        charged = session.receive_data(data, monotonic())
         if charged is not None:
-            apply_read_limit(self.session, charged)
+            apply_read_limit(session, charged, session.relay)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

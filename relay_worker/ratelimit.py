@@ -186,12 +186,9 @@ class ReadLimits(Protocol):
 
 
 class ReadLimited(Protocol):
-    """A connection whose reads are limited (a ServerSession): the bucket lives on it."""
+    """A connection whose reads are limited (a ServerSession, seams.Client): the bucket lives on it."""
 
     read_limit: _ReadLimit | None
-
-    @property
-    def relay(self) -> ReadLimits: ...
 
     @property
     def is_mesh(self) -> bool: ...
@@ -239,16 +236,16 @@ class _ReadLimit:
 read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0, "limited_connections": 0}
 
 
-def apply_read_limit(conn: ReadLimited, nbytes: int) -> None:
+def apply_read_limit(conn: ReadLimited, nbytes: int, limits: ReadLimits) -> None:
     """Count nbytes just read from conn against its byte budget; pause reading while in debt.
 
-    Call after each read with what `ServerSession.receive_data` charged: the read's frame lengths
-    (headers excluded, each clamped to MIN_READ_BURST), which is what derper charges. Connections that are
+    Call after each read with the relay's limits and what `ServerSession.receive_data` charged: the
+    read's frame lengths (headers excluded, each clamped to MIN_READ_BURST), which is what derper
+    charges. Connections that are
     not yet admitted and mesh peers (probers presenting the mesh key included) are not limited; with
     no rate set this returns at once. The bucket lives on the connection, so it goes when the connection goes.
     """
-    relay = conn.relay
-    rate = relay.token_bucket_rate
+    rate = limits.token_bucket_rate
     if rate <= 0 or conn.is_mesh or not conn.registered:
         return
     transport = conn.transport
@@ -258,7 +255,7 @@ def apply_read_limit(conn: ReadLimited, nbytes: int) -> None:
     now = loop.time()
     entry = conn.read_limit
     if entry is None:
-        entry = conn.read_limit = _ReadLimit(TokenBucket(rate, relay.token_bucket_burst or rate, now))
+        entry = conn.read_limit = _ReadLimit(TokenBucket(rate, limits.token_bucket_burst or rate, now))
         read_limit_counters["limited_connections"] += 1
     wait = entry.bucket.debit(nbytes, now)
     if wait > 0 and entry.resume is None:

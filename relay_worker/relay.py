@@ -274,7 +274,7 @@ class Relay:
         self.note_delivery(src=src, dst=dst)
         return True
 
-    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, bytes]]) -> int:
+    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, Payload]]) -> int:
         """Packets from our own mesh: one write per destination connection for the whole batch.
 
         Returns how many records were read (delivered or dropped); raises what the iterator raises."""

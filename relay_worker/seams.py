@@ -60,6 +60,8 @@ class Client(Protocol):
     last_active: float
     keepalive_slot: int
     keepalive_period: int
+    #: the client's read budget, owned by ratelimit.py
+    read_limit: Any
 
     @property
     def transport(self) -> Transport | None: ...
