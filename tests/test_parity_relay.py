@@ -7,6 +7,7 @@ a small receive buffer, so the test decides exactly when the server sees a pause
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -98,7 +99,14 @@ async def test_watch_conns_dump_is_complete_for_100000_keys(mesh_key_file: Path)
         try:
             for start in range(0, len(keys), 4000):
                 push.send(ghost_delta(keys[start : start + 4000], start))
-            await await_until(lambda: node.varz()["directory"]["size"] == len(keys), timeout=30,
+            def directory_size() -> int:
+                # the worker merges 4,000 keys per message: on a loaded machine an admin request
+                # may wait past its 2 s timeout behind a merge; that is "not yet", not a failure
+                with contextlib.suppress(OSError):
+                    return int(node.varz()["directory"]["size"])
+                return -1
+
+            await await_until(lambda: directory_size() == len(keys), timeout=30,
                               what="the directory to hold the injected keys")
         finally:
             push.close()
