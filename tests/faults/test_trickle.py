@@ -17,7 +17,6 @@ import asyncio
 import tracemalloc
 from typing import Any
 
-import pytest
 from nacl.public import Box
 from nacl.public import PublicKey as NaclPublicKey
 from uvicorn.server import ServerState
@@ -28,8 +27,6 @@ from relay_worker.keys import PrivateKey
 from relay_worker.relay import Relay
 from relay_worker.server import uvicorn_config
 from tests.faults.conftest import report
-
-pytestmark = [pytest.mark.faults]
 
 HEAD = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\n\r\n"
 SMALL, LARGE = 16 << 10, 64 << 10

@@ -252,7 +252,7 @@ def test_not_here_bucket_is_derpers_burst_3_at_1_per_second() -> None:
 
 
 async def test_admission_slower_than_the_handshake_timeout_still_admits() -> None:
-    from tests.test_admission import FakeVerifyURL
+    from tests.process.test_admission import FakeVerifyURL
 
     slow_key = PrivateKey.generate()
     verifier = await FakeVerifyURL(answers={slow_key.public().raw: (200, b'{"Allow":true}', 1.5)}).start()
