@@ -45,7 +45,7 @@ from derp_compare import Derper, Ours, Server, tls_material
 from pyspy_layers import summarise_raw
 
 from derptools.bench.procfs import CLOCK_TICKS
-from tests.interop.harness import BIN, WS_BIN, build_binaries
+from tests.interop.harness import BIN, build_binaries
 
 SYSCALLS = ["read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "epoll_wait",
             "epoll_pwait", "epoll_ctl", "futex", "nanosleep", "sched_yield", "getpid", "tgkill", "rt_sigreturn",
@@ -239,7 +239,7 @@ def run_load(server: Server, args: argparse.Namespace, probe: Probe, seconds: fl
 def per_packet(doc: dict[str, Any]) -> dict[str, Any]:
     """The counts of one probe run divided by the packets relayed in its window."""
     # perf's window is its own (enable..disable), counted by the server's derp_packets_sent
-    packets = doc.get("window_packets") or doc["packets"]
+    packets = doc["window_packets"] if "window_packets" in doc else doc["packets"]
     derived: dict[str, Any] = {}
     if "utime_seconds" in doc:
         total = doc["utime_seconds"] + doc["stime_seconds"]
@@ -276,6 +276,24 @@ def table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+PROBES = ("cpu", "syscalls", "sizes", "perf", "pyspy")
+
+
+def make_probe(name: str, args: argparse.Namespace, out: Path, varz: str, cafile: Path | None) -> Probe:
+    def counter() -> int:
+        return packets_sent(varz, cafile)
+
+    if name == "cpu":
+        return CpuSplit()
+    if name == "syscalls":
+        return SyscallCounts(out.with_suffix(".txt"), counter)
+    if name == "sizes":
+        return IoSizes(out.with_suffix(".data"), counter)
+    if name == "perf":
+        return PerfProfile(out.with_suffix(".data"), counter)
+    return PySpy(out.with_suffix(".txt"), args.pyspy_seconds, args.pyspy_rate)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transport", choices=["plain", "tls"], default="plain")
@@ -296,9 +314,8 @@ def main() -> int:
     if args.table:
         print("\n".join(table(json.loads((args.out / "summary.json").read_text()))))
         return 0
-    args.workers = 1
+    args.workers = 1  # one worker against derper's GOMAXPROCS=1: the per-core comparison
     bins = BIN if (BIN / "derpload").exists() and (BIN / "derper").exists() else build_binaries()
-    load_bins = WS_BIN if args.transport == "websocket" else bins
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="derp-profile-"))
     results: dict[str, dict[str, Any]] = {"ours": {}, "derper": {}}
@@ -309,31 +326,16 @@ def main() -> int:
             try:
                 for index, name in enumerate(args.probes.split(",")):
                     for server in servers if index % 2 == 0 else list(reversed(servers)):
-                        out = args.out / f"{server.name}-{name}-{index}"
                         seconds = {"sizes": args.sizes_seconds, "pyspy": args.pyspy_seconds + 1}.get(
                             name, args.seconds)
-                        varz = server.url.removesuffix("/derp") + "/debug/varz"
+                        if name not in PROBES:
+                            raise SystemExit(f"--probes: unknown probe {name!r} ({', '.join(PROBES)})")
+                        if name == "pyspy" and server.name != "ours":
+                            continue  # py-spy profiles Python; derper's profile is the perf probe's
                         cafile = work / "ca.pem" if certdir else None
-
-                        def counter(varz: str = varz, cafile: Path | None = cafile) -> int:
-                            return packets_sent(varz, cafile)
-
-                        probe: Probe
-                        if name == "cpu":
-                            probe = CpuSplit()
-                        elif name == "syscalls":
-                            probe = SyscallCounts(out.with_suffix(".txt"), counter)
-                        elif name == "sizes":
-                            probe = IoSizes(out.with_suffix(".data"), counter)
-                        elif name == "perf":
-                            probe = PerfProfile(out.with_suffix(".data"), counter)
-                        elif name == "pyspy":
-                            if server.name != "ours":
-                                continue
-                            probe = PySpy(out.with_suffix(".txt"), args.pyspy_seconds, args.pyspy_rate)
-                        else:
-                            raise SystemExit(f"--probes: unknown probe {name!r} (cpu, syscalls, sizes, perf, pyspy)")
-                        doc = run_load(server, args, probe, seconds, load_bins, env)
+                        probe = make_probe(name, args, args.out / f"{server.name}-{name}-{index}",
+                                           server.url.removesuffix("/derp") + "/debug/varz", cafile)
+                        doc = run_load(server, args, probe, seconds, bins, env)
                         doc["size"] = args.size
                         doc.update(per_packet(doc))
                         key = name if name not in results[server.name] else f"{name}-{index}"
