@@ -3,7 +3,8 @@
 #
 #   bench/run_benchmarks.sh [OUT_DIR]        (then: .venv/bin/python bench/summarize.py OUT_DIR)
 #
-# Knobs (environment): BENCH_SECONDS (measured seconds per run, default 5), BENCH_ROUNDS (alternating
+# Knobs (environment): BENCH_PROFILE=1 (also profile one worker against derper under Tailscale's own
+# client, plain and TLS: bench/profile_hot_path.py, needs perf, py-spy and Go), BENCH_SECONDS (measured seconds per run, default 5), BENCH_ROUNDS (alternating
 # floor/target rounds, default 3), BENCH_IDLE_CLIENTS (default 10000), BENCH_PROCS (generator processes).
 # Each scenario gets a fresh cluster so that one run's leftovers (Python's freed-but-kept memory, a
 # directory full of tombstones) do not colour the next.
@@ -99,6 +100,15 @@ for round in $(seq "$ROUNDS"); do
     bench "one_pair_$round" relay --pairs 1 --size 1200 --window 32 --seconds "$SECS"
 done
 stop_cluster
+
+# 6. Optional: where a packet's CPU goes, ours vs derper, under derpload (docs/BENCHMARKS.md).
+if [ "${BENCH_PROFILE:-0}" = 1 ]; then
+    for transport in plain tls; do
+        echo "== profile $transport: bench/profile_hot_path.py"
+        "$PY" bench/profile_hot_path.py --transport "$transport" --server-cpus 0 --load-cpus 1 \
+            --out "$OUT/profile-$transport"
+    done
+fi
 
 echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
 echo "results in $OUT; summary: $PY bench/summarize.py $OUT"

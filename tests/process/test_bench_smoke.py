@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -125,3 +126,56 @@ async def test_floor_relay_speaks_derp_to_the_project_client(floor: tuple[str, i
     finally:
         await a.close()
         await b.close()
+
+
+PROFILE = ROOT / "bench" / "profile_hot_path.py"
+INTEROP_BIN = ROOT / "tests" / "interop" / "bin"
+
+
+def test_pyspy_layers_charges_each_sample_to_its_layer(tmp_path: Path) -> None:
+    """Interpreter internals go to the calling Python frame, syscalls to their own layer, the loop
+    thread in epoll is idle, other threads are left out."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pyspy_layers import summarise_raw
+
+    loop = "uv_run (core.c:1);uv__io_poll (linux.c:2)"
+    feed = (f"{loop};DerpServerConn.data_received (relay_worker/conn.py:154);"
+            "FrameParser.feed (relay_worker/frames.py:345)")
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"{feed};Struct_unpack_from (_struct.c.h:117) 3",
+        f"{loop};DerpServerConn.data_received (relay_worker/conn.py:161);"
+        "DerpServerConn.deliver_parts (relay_worker/conn.py:498);write (libc.so.6) 5",
+        f"{loop};epoll_pwait (libc.so.6) 2",
+        "Thread._bootstrap (threading.py:1002);Event.wait (threading.py:629) 7",
+    ]) + "\n")
+    doc = summarise_raw(raw)
+    assert doc["samples"] == 10 and doc["other_thread_samples"] == 7
+    assert doc["idle_share"] == 20.0
+    assert doc["busy_layers"] == {"syscall write": 62.5, "our frame parser: FrameParser.feed": 37.5}
+    assert ["FrameParser.feed (frames.py:345)", 37.5] in doc["our_lines_of_busy"]
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="perf (linux-perf) is not installed")
+@pytest.mark.skipif(shutil.which("py-spy", path=str(Path(sys.executable).parent)) is None,
+                    reason="py-spy is not in the venv (.venv/bin/pip install py-spy)")
+@pytest.mark.skipif(not (INTEROP_BIN / "derpload").exists() or not (INTEROP_BIN / "derper").exists(),
+                    reason="the interop binaries are not built (tests/interop)")
+def test_profile_hot_path_runs_every_probe(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(PROFILE), "--out", str(tmp_path), "--seconds", "1",
+                           "--sizes-seconds", "0.5", "--pyspy-seconds", "2", "--pyspy-rate", "50", "--pairs", "2",
+                           "--probes", "cpu,syscalls,sizes,perf,pyspy", "--server-cpus", "0", "--load-cpus", "1"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"profile_hot_path failed:\n{proc.stdout}\n{proc.stderr}"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name in ("ours", "derper"):
+        runs = summary["results"][name]
+        assert runs["cpu"]["packets"] > 0 and runs["cpu"]["cpu_us_per_packet"] > 0
+        assert runs["syscalls"]["window_packets"] > 0
+        assert runs["syscalls"]["syscalls_per_packet"]["read"] > 0
+        assert runs["syscalls"]["syscalls_per_packet"]["write"] > 0
+        assert runs["sizes"]["frames_per_data_call"]["read"] > 0
+        assert (tmp_path / f"{name}-perf-3.sym.txt").read_text().strip()
+    assert "pyspy" not in summary["results"]["derper"]
+    assert summary["results"]["ours"]["pyspy"]["pyspy_samples"] > 0
+    assert "| ours |" in proc.stdout and "| derper |" in proc.stdout
