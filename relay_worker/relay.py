@@ -297,9 +297,9 @@ class Relay:
                 header = _RECV_HEADER(F.RECV_PACKET, 32 + len(packet))
                 parts = batches.get(conn)
                 if parts is None:
-                    batches[conn] = [header, src, packet]
+                    batches[conn] = [header + src, packet]
                 else:
-                    parts += (header, src, packet)
+                    parts += (header + src, packet)
                 # a batch holds runs of one sender's window to one receiver: note each pair once a run
                 if src != last_src or dst != last_dst:
                     self.note_delivery(src=src, dst=dst)
