@@ -1,10 +1,11 @@
 """Tailscale's own DERP mesh, client side: what derper's `-mesh-with` does, so one of our nodes can
 sit in a region beside stock derpers.
 
-For each configured derper URL a worker keeps one DERP connection authenticated with the region's
-mesh key, subscribes with WatchConns, and tracks which keys that derper holds (PeerPresent /
-PeerGone). Packets for those keys leave with ForwardPacket on that connection. The connection is
-re-established with backoff; while it is down, the derper's keys are considered gone.
+For each configured derper URL the node keeps one DERP connection (one worker holds them all:
+mesh.derper_keys), authenticated with the region's mesh key; it subscribes with WatchConns and
+tracks which keys that derper holds (PeerPresent / PeerGone). Packets for those keys leave with
+ForwardPacket on that connection. The connection is re-established with backoff; while it is
+down, the derper's keys are considered gone.
 """
 
 from __future__ import annotations
@@ -54,8 +55,22 @@ class DerpMeshPeer:
         self.ever_watched = False  # connected and watching at least once
         self.last_error = ""
 
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        if not self.running:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        """Give the connection up (another worker of the node holds it now); its keys go at once."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.client = None  # the cancelled task closes it
+        self.connected = False
+        self._forget_all()
 
     async def close(self) -> None:
         if self.task is not None:
@@ -80,20 +95,22 @@ class DerpMeshPeer:
     async def _run(self) -> None:
         backoff = RETRY_FIRST
         while True:
+            client: DerpClient | None = None
             try:
                 dial_url, tls_name = _dial_target(self.url)
                 # derper's own mesh client never calls SetCanAckPings: CanAckPings false
-                self.client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
-                                                       server_hostname=tls_name, can_ack_pings=False, timeout=10)
+                client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
+                                                  server_hostname=tls_name, can_ack_pings=False, timeout=10)
+                self.client = client
                 self.connects += 1
-                await self.client.watch_conns()
+                await client.watch_conns()
                 self.connected = True
                 backoff = RETRY_FIRST
                 log.info("meshed with derper %s", self.url)
                 self.ever_watched = True
                 if self.on_watching is not None:
                     self.on_watching(self)
-                await self._receive(self.client)
+                await self._receive(client)
             except (DerpClientError, OSError, TimeoutError, F.ProtocolError) as exc:
                 self.last_error = str(exc)
                 log.warning("mesh with %s: %s; retrying in %.1fs", self.url, exc, backoff)
@@ -101,11 +118,13 @@ class DerpMeshPeer:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("mesh with %s failed unexpectedly; retrying in %.1fs", self.url, backoff)
             finally:
-                self.connected = False
-                self._forget_all()
-                if self.client is not None:
-                    await self.client.close()
+                # after stop() a new task may already own self.client: clean up only our own
+                if client is not None and self.client is client:
                     self.client = None
+                    self.connected = False
+                    self._forget_all()
+                if client is not None:
+                    await client.close()
             await asyncio.sleep(backoff)
             # before the first connection the derper is most likely starting beside us: keep trying
             # at the first interval, so the worker's join (and its held handshakes) waits no longer
