@@ -60,9 +60,6 @@ class Replica:
         self.watched = False
         return gone
 
-    def follows(self, sender: Owner, incarnation: int) -> bool:
-        return sender == self.source and incarnation == self.incarnation
-
     def apply(self, seq: int, *, present: Iterable[bytes], gone: Iterable[bytes], full: bool
               ) -> tuple[set[bytes], set[bytes]] | None:
         """A delta (or, with full, the whole list) numbered seq. Returns (added, removed), or None
