@@ -49,11 +49,11 @@ PAYLOAD_PARSERS = (
 )
 
 #: Exceptions from known, reported bugs that the harness tolerates so that it keeps looking for new
-#: ones while a fix is pending (each with a strict-xfail regression test in tests/test_fuzz_atheris.py).
+#: ones while a fix is pending (each with a strict-xfail regression test in tests/process/test_fuzz_atheris.py).
 #: Empty today: the bugs found so far are fixed and their tests are plain regression tests.
 KNOWN_BUGS: dict[str, tuple[type[BaseException], ...]] = {
     # none open: RecursionError and ServerInfo type errors were fixed (regression tests in
-    # tests/test_fuzz_atheris.py and tests/test_fuzz_stateful.py)
+    # tests/process/test_fuzz_atheris.py and tests/unit/test_fuzz_stateful.py)
     "ClientInfo.from_json": (),
     "ServerInfo.from_json": (),
 }

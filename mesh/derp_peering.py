@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, PeerGone
+from relay_worker.frames import Payload
 from relay_worker.keys import PrivateKey
 
 log = logging.getLogger("mesh.derp_peering")
@@ -80,7 +81,7 @@ class DerpMeshPeer:
         if self.client is not None:
             await self.client.close()
 
-    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+    def forward(self, *, src: bytes, dst: bytes, packet: Payload) -> bool:
         client = self.client
         if client is None or not self.connected:
             return False

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay_worker.frames import Payload
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Forwarder
 
@@ -254,7 +255,7 @@ class WorkerMesh:
 
     # -- Forwarder (called by the relay) ------------------------------------------------------------
 
-    def forward(self, *, src: bytes, dst: bytes, packet: bytes) -> bool:
+    def forward(self, *, dst: bytes, src: bytes, packet: Payload) -> bool:
         owner = self.directory.resolved.get(dst)
         if owner is None or owner == self.owner:
             derper = self.foreign.get(dst)

@@ -1,5 +1,5 @@
 """Admission: whether a client may use this relay, decided after its ClientInfo box opens and before
-ServerInfo is sent (the `Relay.admission` hook that `DerpServerConn` calls).
+ServerInfo is sent (the `Relay.admission` hook that the `ServerSession` calls).
 
 Checks, in this order, every configured one having to pass (the first refusal decides):
 1. allow-keys file: a static list of `nodekey:<hex>` lines, reloaded when it changes or on SIGHUP;
@@ -40,8 +40,8 @@ import httpx
 from .http_client import os_error_of
 
 if TYPE_CHECKING:
-    from .conn import DerpServerConn
     from .relay import Relay
+    from .seams import AdmissionSubject
 
 log = logging.getLogger("relay_worker.admission")
 
@@ -280,9 +280,9 @@ class AdmissionPolicy:
 
     # -- the hook -----------------------------------------------------------------------------------
 
-    def __call__(self, conn: DerpServerConn, callback: Callback) -> None:
-        """Decide on conn; callback(allowed, reason) now (local or cached answer) or from a task later."""
-        self.check(conn.key, source_ip(conn.peer), callback)
+    def __call__(self, client: AdmissionSubject, callback: Callback, /) -> None:
+        """Decide on a client; callback(allowed, reason) now (local or cached answer) or from a task later."""
+        self.check(client.key, source_ip(client.peer), callback)
 
     def check(self, key: bytes, source: str, callback: Callback) -> None:
         now = self.clock()

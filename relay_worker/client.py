@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import frames as F
+from .frames import Payload
 from .handshake import ClientInfo, ServerInfo, open_server_info, seal_client_info
 from .keys import PrivateKey
 
@@ -74,7 +75,7 @@ class UnknownFrame:
 Event = RecvPacket | PeerGone | F.PeerPresent | KeepAlive | Ping | Pong | Health | Restarting | UnknownFrame
 
 
-def decode_event(frame_type: int, payload: bytes) -> Event:
+def decode_event(frame_type: int, payload: Payload) -> Event:
     if frame_type == F.RECV_PACKET:
         return RecvPacket(*F.parse_recv_packet(payload))
     if frame_type == F.PEER_GONE:

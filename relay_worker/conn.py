@@ -1,641 +1,77 @@
-"""One DERP client connection on the server: a raw asyncio Protocol over the upgraded socket.
+"""One DERP client connection on the server: the asyncio Protocol around a `ServerSession`.
 
-The hot path is `data_received` -> SendPacket -> `Relay.clients.get(dst)` -> `deliver`, which
-does one dict lookup and one `transport.write` per relayed packet. The transport's high-water mark
-is 0: as soon as a write leaves bytes the kernel did not take, asyncio calls pause_writing and
-frames queue here until the transport has flushed everything (derper's one write in flight per
-client). Data packets go to two bounded queues (disco and other, 32 each, drop oldest, as derper's
-sendPkt); control frames (PeerPresent, PeerGone, KeepAlive, Pong) go to a queue of their own that
-is never trimmed. What bounds memory is the write deadline: a connection whose transport has held
-unflushed bytes for longer than 2 s (30 s for mesh peers) is dropped by `Relay.sweep`, so every
-write carries derper's deadline, not only big backlogs.
+Everything the connection decides lives in session.py; this shell feeds it what the socket read,
+tells it what the transport did, runs the two timers that need the loop (the handshake deadline
+and the read limit's resume, ratelimit.py), and sets the transport's buffer limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import logging
-import struct
-import time
-from collections import deque
+from time import monotonic
 from typing import Any
 
-from . import frames as F
-from .handshake import ClientInfo, ServerInfo, mesh_key_matches
-from .keys import PublicKey
-from .ratelimit import MIN_READ_BURST, apply_read_limit, cancel_read_limit
+from .ratelimit import apply_read_limit, cancel_read_limit
 from .relay import Relay
-from .stats import packet_kind
+from .seams import PeerAddress
+from .session import ServerSession
 
-log = logging.getLogger("relay_worker.conn")
-
-_RECV_HEADER = struct.Struct(">BI")
-_recv_header = _RECV_HEADER.pack
 #: pause as soon as anything is left unflushed, resume once all of it is (derper: one write in flight)
 WRITE_HIGH_WATER = 0
 WRITE_LOW_WATER = 0
-#: the buffer limits of transports that do their own buffering (WebSocket), unchanged
+#: the buffer limits of transports that do their own buffering (TLS, WebSocket), unchanged
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-# derper: PeerGone(not here) at 1/s sustained with a burst of 3 per client
-DISCO_PEER_GONE_PER_SEC = 1.0
-DISCO_PEER_GONE_BURST = 3.0
-
-#: Pings answered per read; the rest of a read's Pings are ignored, as derper ignores Pings while
-#: a Pong is still waiting to go out (sendPongCh holds one). Bounds the work a flood costs per read.
-PONGS_PER_READ = 4
-
-HANDSHAKE, ADMITTING, PUBLISHING, ACTIVE, CLOSED = range(5)
 
 
 class DerpServerConn(asyncio.Protocol):
-    __slots__ = (
-        "_pending_frames",
-        "box",
-        "control",
-        "disco_queue",
-        "epoch",
-        "has_dup",
-        "held_at",
-        "ideal_node",
-        "info",
-        "is_mesh",
-        "is_prober",
-        "keepalive_period",
-        "keepalive_slot",
-        "key",
-        "last_active",
-        "parser",
-        "paused_since",
-        "peer",
-        "peer_gone_stamp",
-        "peer_gone_tokens",
-        "pong_queued",
-        "preamble",
-        "preferred",
-        "queue",
-        "read_limit",
-        "read_pongs",
-        "read_preferred",
-        "reading_held",
-        "registered",
-        "relay",
-        "state",
-        "timer",
-        "tls",
-        "transport",
-        "unflushed_since",
-        "websocket",
-    )
+    __slots__ = ("session", "timer")
 
-    def __init__(self, relay: Relay, peer: tuple[str, int] | None = None, *, ideal_node: bool = True,
+    def __init__(self, relay: Relay, peer: PeerAddress = None, *, ideal_node: bool = True,
                  websocket: bool = False, preamble: bytes = b"") -> None:
-        self.relay = relay
-        self.preamble = preamble  # the HTTP 101 response, sent in the same write as ServerKey
-        self.box: Any = None
-        self.peer = peer
-        self.ideal_node = ideal_node
-        self.websocket = websocket
-        self.transport: Any = None
-        self.parser = F.FrameParser(F.MAX_INFO_LEN)
-        self.state = HANDSHAKE
-        self.key = b""
-        self.info: ClientInfo | None = None
-        self.epoch = 0
-        self.registered = False
-        self.preferred = False
-        self.is_mesh = False
-        self.is_prober = False
-        self.has_dup = False
-        self.keepalive_slot = -1
-        self.keepalive_period = 0
-        self.last_active = 0.0  # when this connection last sent a frame (tracked while it has a dup)
-        self.paused_since = 0.0
-        self.queue: deque[bytes] | None = None
-        self.disco_queue: deque[bytes] | None = None
-        #: control frames held while the transport is paused or ServerInfo is not yet out: never dropped
-        self.control: list[bytes] | None = None
-        self.pong_queued = False
-        self.held_at = 0.0
-        self.read_pongs = 0  # Pongs written for the current read
-        self.read_preferred: bool | None = None  # the last NotePreferred of the current read
-        self.reading_held = False  # we paused reading until ServerInfo is out
+        self.session = ServerSession(relay, peer, ideal_node=ideal_node, websocket=websocket, preamble=preamble)
         self.timer: asyncio.TimerHandle | None = None
-        self.tls = False
-        self.unflushed_since = 0.0  # TLS only: when the sweep first saw bytes still buffered
-        self.peer_gone_tokens = DISCO_PEER_GONE_BURST
-        self.read_limit: Any = None  # the client's relayed-bytes token bucket (ratelimit.py)
-        self.peer_gone_stamp = 0.0
-        self._pending_frames: list[tuple[int, memoryview]] | None = None
 
-    # -- asyncio Protocol ---------------------------------------------------------------------------
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        self.transport = transport
-        if self.peer is None:
-            self.peer = transport.get_extra_info("peername")
+    def connection_made(self, transport: Any) -> None:
+        session = self.session
+        if session.peer is None:
+            session.peer = transport.get_extra_info("peername")
         # Over TLS, asyncio's SSL layer re-checks its limits only when the TCP transport under it
         # pauses or resumes: with limits of 0 a connection would pause at its first buffered byte
         # and never resume. TLS connections keep limits above the TCP layer's and get the write
         # deadline from the relay's sweep instead (Relay.sweep, by their buffered size).
-        self.tls = transport.get_extra_info("ssl_object") is not None
-        high, low = (HIGH_WATER, LOW_WATER) if self.tls else (WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        tls = transport.get_extra_info("ssl_object") is not None
+        high, low = (HIGH_WATER, LOW_WATER) if tls else (WRITE_HIGH_WATER, WRITE_LOW_WATER)
         with contextlib.suppress(AttributeError, NotImplementedError):
             transport.set_write_buffer_limits(high=high, low=low)
-        self.relay.connection_opened(self)
-        transport.write(self.preamble + self.relay.server_key_frame if self.preamble else self.relay.server_key_frame)
-        self.preamble = b""
-        self.timer = asyncio.get_running_loop().call_later(self.relay.handshake_timeout, self._handshake_expired)
+        session.start(transport, monotonic(), tls=tls)
+        self.timer = asyncio.get_running_loop().call_later(session.relay.handshake_timeout, self._handshake_due)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.parser.feed(data)
-        except F.ProtocolError as exc:
-            self._protocol_error(str(exc))
-            return
-        if self.state == ACTIVE:
-            if self.has_dup and frames:
-                self.relay.note_activity(self, time.monotonic())
-            self._handle_frames(frames)
-        else:
-            self._handle_handshake_frames(frames)
-        if self.relay.token_bucket_rate and frames:
-            # derper charges each frame's length (no header), clamped to one full SendPacket
-            apply_read_limit(self, sum(min(len(payload), MIN_READ_BURST) for _, payload in frames))
+        session = self.session
+        charged = session.receive_data(data, monotonic())
+        if charged is not None:
+            apply_read_limit(session, charged, session.relay)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = CLOSED
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self._drop_queued("gone_disconnected")
-        if self.read_limit is not None:
-            cancel_read_limit(self)
-        self.relay.connection_closed(self)
-        self.transport = None
+        cancel_read_limit(self.session)
+        self.session.connection_lost()
 
     def pause_writing(self) -> None:
-        # the write deadline runs from the first unflushed byte (the hold before ServerInfo may
-        # already have set paused_since; keep the older stamp)
-        if not self.paused_since:
-            self.paused_since = time.monotonic()
-        self.relay.paused.add(self)
+        self.session.pause_writing(monotonic())
 
     def resume_writing(self) -> None:
-        self.relay.paused.discard(self)
-        if self.state == ACTIVE:
-            self._flush_held()
-        # before ServerInfo nothing may be written: _published flushes once it is out
+        self.session.resume_writing()
 
-    def _flush_held(self) -> None:
-        """The transport has flushed everything: write what was held, in one write. Control frames
-        first (derper's sendLoop serves them alongside packets, and they are what steers clients),
-        then disco, then other packets. If the kernel does not take it all, asyncio calls
-        pause_writing again from inside this write and the deadline starts over."""
-        self.paused_since = 0.0
-        transport = self.transport
-        if transport is None:
-            return
-        parts: list[bytes] = []
-        stats = self.relay.stats
-        control = self.control
-        if control:
-            parts += control
-            self.control = None
-            if self.pong_queued:
-                self.pong_queued = False
-                stats.sent_pong += 1
-        for queue in (self.disco_queue, self.queue):
-            if queue:
-                size = sum(map(len, queue))
-                stats.packets_sent += len(queue)
-                stats.bytes_sent += size - 37 * len(queue)
-                parts += queue
-                queue.clear()
-        if parts:
-            transport.write(b"".join(parts))
-
-    # -- handshake ----------------------------------------------------------------------------------
-
-    def _handle_handshake_frames(self, frames: list[tuple[int, memoryview]]) -> None:
-        for index, (frame_type, payload) in enumerate(frames):
-            if self.state == ACTIVE:
-                self._handle_frames(frames[index:])
-                return
-            if self.state in (ADMITTING, PUBLISHING):
-                assert self._pending_frames is not None
-                self._pending_frames.extend(frames[index:])
-                if not self.reading_held and self.transport is not None:
-                    self.reading_held = True  # frames before ServerInfo: read no more until it is out
-                    self.transport.pause_reading()
-                return
-            if self.state == CLOSED:
-                return
-            if frame_type != F.CLIENT_INFO:
-                self._protocol_error(f"expected ClientInfo, got frame type 0x{frame_type:02x}")
-                return
-            self._client_info(payload)
-
-    def _client_info(self, payload: bytes) -> None:
-        relay = self.relay
-        try:
-            key, info, self.box = relay.handshake.open_client_info(payload)
-        except F.ProtocolError as exc:
-            relay.stats.handshake_failures += 1
-            self._protocol_error(str(exc))
-            return
-        self.key = key
-        self.info = info
-        self.is_mesh = mesh_key_matches(info.mesh_key, relay.mesh_key)
-        # IsProber is self-declared: it tags the client in PeerPresent, but only a prober that also
-        # presents the mesh key (is_mesh) is exempt from client limits.
-        self.is_prober = info.is_prober
-        if relay.draining:
-            self.close_with("server is shutting down")
-            return
-        if relay.max_clients and relay.stats.current_connections >= relay.max_clients and not self.is_mesh:
-            relay.stats.refused_clients += 1
-            self.close_with("worker is at its client limit", level=logging.WARNING)
-            return
-        admission = relay.admission
-        if admission is None or self.is_mesh:
-            self._admitted(True, "")
-            return
-        self.state = ADMITTING
-        # derper's 10 s deadline bounds the handshake's I/O only; admission has its own timeouts
-        self._cancel_timer()
-        self._pending_frames = []
-        if self.transport is not None:
-            self.reading_held = True
-            self.transport.pause_reading()
-        admission(self, self._admitted)
-
-    def _admitted(self, allowed: bool, reason: str) -> None:
-        """Called (maybe later, from the admission policy) with the verdict on this client."""
-        if self.state == CLOSED or self.transport is None:
-            return
-        relay = self.relay
-        if not allowed:
-            relay.stats.refused_clients += 1
-            self.close_with(f"refused: {reason}", level=logging.WARNING)
-            return
-        self._cancel_timer()
-        # Register first (as derper does), so the key is reachable before the client hears it is
-        # connected; hold the client's output (paused_since) and input (_pending_frames) until
-        # ServerInfo is out, because ServerInfo must be the first frame after ServerKey.
-        self.state = PUBLISHING
-        self.parser.max_frame_len = F.MAX_FRAME_LEN
-        self.parser.oversize_fatal = F.SERVER_HANDLED_TYPES  # bigger frames of other types are skipped
-        if self._pending_frames is None:
-            self._pending_frames = []  # reading is paused only if frames arrive before ServerInfo
-        self.held_at = time.monotonic()
-        if not self.paused_since:
-            self.paused_since = self.held_at
-        relay.register(self)
-        # ServerInfo goes out once every live worker of this node can route to the key (one ipc
-        # round trip, bounded): the first packet anyone sends after it is delivered.
-        relay.await_published(self._published)
-
-    def _published(self) -> None:
-        if self.state != PUBLISHING or self.transport is None:
-            return
-        relay = self.relay
-        stats = relay.stats
-        stats.publish_waits += 1
-        stats.publish_wait_seconds += time.monotonic() - self.held_at
-        # derper sends ServerInfo{Version: 2} only: advertising a token bucket makes Go clients
-        # drop their own packets (derp_client.go setSendRateLimiter); pacing stays server-side
-        self.transport.write(relay.handshake.seal_server_info(self.box, ServerInfo()))
-        self.box = None
-        self.state = ACTIVE
-        if self not in relay.paused:
-            self._flush_held()  # else resume_writing does, once ServerInfo itself has gone out
-        log.debug("client %s connected from %s (mesh=%s)", PublicKey(self.key).short(), self.peer, self.is_mesh)
-        pending, self._pending_frames = self._pending_frames, None
-        if self.state != ACTIVE:
-            return
-        if self.reading_held:
-            self.reading_held = False
-            self.transport.resume_reading()
-        if pending:
-            self._handle_frames(pending)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _handshake_expired(self) -> None:
+    def _handshake_due(self) -> None:
+        # the loop's timer is this deadline's clock (as in aioquic's shell): it is due now
         self.timer = None
-        if self.state == HANDSHAKE:
-            self.relay.stats.handshake_timeouts += 1
-            self.close_with("handshake timed out")
-
-    # -- steady state -------------------------------------------------------------------------------
-
-    def _handle_frames(self, frames: list[tuple[int, memoryview]]) -> None:
-        relay = self.relay
-        clients = relay.clients
-        key = self.key
-        # Packets for each destination are gathered over the whole read and written with one
-        # write per destination: the send syscall, not Python, dominates a relay's CPU.
-        batches: dict[DerpServerConn, list[bytes | memoryview]] = {}
-        received = received_bytes = 0
-        try:
-            for frame_type, payload in frames:
-                if frame_type == F.SEND_PACKET:
-                    size = len(payload)
-                    if size < 32 or size > 32 + F.MAX_PACKET_SIZE:
-                        self._protocol_error(f"SendPacket payload of {size} bytes")
-                        return
-                    received += 1
-                    received_bytes += size - 32
-                    dst = bytes(payload[:32])
-                    target = clients.get(dst)
-                    if target is not None:
-                        parts = batches.get(target)
-                        if parts is None:
-                            batches[target] = [_recv_header(F.RECV_PACKET, size), key, payload[32:]]
-                        else:
-                            parts += (_recv_header(F.RECV_PACKET, size), key, payload[32:])
-                        continue
-                    forwarder = relay.forwarder
-                    if forwarder is not None and forwarder.forward(src=key, dst=dst, packet=payload[32:]):
-                        relay.stats.packets_forwarded_out += 1
-                        continue
-                    self._unknown_destination(dst, payload)
-                    continue
-                self._handle_control(frame_type, payload)
-                if self.state != ACTIVE:
-                    return
-        finally:
-            stats = relay.stats
-            stats.packets_received += received
-            stats.bytes_received += received_bytes
-            for target, parts in batches.items():
-                target.deliver_parts(parts)
-                relay.note_delivery(key, target.key)
-            if self.read_pongs:
-                self.read_pongs = 0
-            if self.read_preferred is not None:
-                # a read's NotePreferred frames cost one state change (and one directory write),
-                # however many there were: only the last one can be observed anyway
-                preferred, self.read_preferred = self.read_preferred, None
-                if self.state == ACTIVE:
-                    relay.note_preferred(self, preferred)
-
-    def _handle_control(self, frame_type: int, payload: bytes) -> None:
-        """Every frame but SendPacket: rare next to packets, so clarity over speed here."""
-        relay = self.relay
-        stats = relay.stats
-        if frame_type == F.PING:
-            self._ping(payload)
-        elif frame_type == F.NOTE_PREFERRED:
-            if len(payload) != 1:
-                self._protocol_error(f"NotePreferred of {len(payload)} bytes")
-                return
-            self.read_preferred = F.parse_note_preferred(payload)  # applied once, at the end of the read
-        elif frame_type == F.PONG:
-            pass  # answers to our pings; we do not send any yet
-        elif frame_type == F.FORWARD_PACKET:
-            if not self._require_mesh("ForwardPacket"):
-                return
-            try:
-                src, dst, packet = F.parse_forward_packet(payload)
-            except F.ProtocolError as exc:
-                self._protocol_error(str(exc))
-                return
-            # counted in packets_forwarded_in only, as derper does (not in packets_received)
-            if not relay.deliver_forwarded(dst, src, packet, from_derp_mesh=True):
-                # derper answers the forwarding mesh peer, so it drops its stale forwarder
-                self._not_here(dst, packet)
-        elif frame_type == F.WATCH_CONNS:
-            if payload:
-                self._protocol_error(f"WatchConns with {len(payload)} bytes of payload")
-                return
-            if not self._require_mesh("WatchConns"):
-                return
-            relay.add_watcher(self)
-        elif frame_type == F.CLOSE_PEER:
-            if not self._require_mesh("ClosePeer"):
-                return
-            try:
-                relay.close_peer(F.parse_close_peer(payload))
-            except F.ProtocolError as exc:
-                self._protocol_error(str(exc))
-                return
-        # every other type, known or not, is skipped as derper's handleUnknownFrame does (its
-        # unknown_frames counter is never incremented; ours counts, C14)
-        else:
-            stats.unknown_frames += 1
-
-    def _unknown_destination(self, dst: bytes, payload: bytes) -> None:
-        self.relay.stats.drop("unknown_dest", kind=packet_kind(payload[32:]), size=len(payload) - 32)
-        self._not_here(dst, payload[32:])
-
-    def _not_here(self, dst: bytes, packet: bytes) -> None:
-        """derper's requestPeerGoneWriteLimited: PeerGone(NotHere) for disco packets only, at most
-        1/s with a burst of 3 per connection."""
-        if not F.looks_like_disco(packet):
-            return
-        now = time.monotonic()
-        allowed, self.peer_gone_tokens = take_token(self.peer_gone_tokens, self.peer_gone_stamp, now)
-        self.peer_gone_stamp = now
-        if not allowed:
-            return
-        self.relay.stats.peer_gone_not_here_frames += 1
-        self.send_frame(F.build_peer_gone(dst, F.PEER_GONE_NOT_HERE))
-
-    def _ping(self, payload: bytes) -> None:
-        try:
-            data = F.parse_ping(payload)
-        except F.ProtocolError as exc:
-            self._protocol_error(str(exc))
-            return
-        stats = self.relay.stats
-        stats.got_ping += 1
-        if self.read_pongs >= PONGS_PER_READ:
-            return  # a flood of Pings: ignored, as derper does when it cannot answer as fast
-        self.read_pongs += 1
-        if self.paused_since:
-            # derper's sendPongCh holds one pong: while one waits, further pings are ignored
-            if self.pong_queued:
-                return
-            self.pong_queued = True  # counted in sent_pong when it is written (_flush_held)
-            self._hold_control(F.build_pong(data))
-            return
-        self.transport.write(F.build_pong(data))
-        stats.sent_pong += 1
-
-    def _require_mesh(self, what: str) -> bool:
-        if self.is_mesh:
-            return True
-        self._protocol_error(f"{what} needs the mesh key")
-        return False
-
-    # -- output -------------------------------------------------------------------------------------
-
-    def deliver_parts(self, parts: list[bytes | memoryview]) -> None:
-        """Write RecvPacket frames given as (header, src, packet) triples in one write, or queue them
-        (bounded, drop oldest) while the client is not reading."""
-        count = len(parts) // 3
-        if self.paused_since:
-            for index in range(0, len(parts), 3):
-                frame = b"".join(parts[index : index + 3])
-                self.deliver_frame(frame, frame[5:])
-            return
-        transport = self.transport
-        stats = self.relay.stats
-        if transport is None:
-            stats.drop("gone_disconnected", count)
-            return
-        data = b"".join(parts)
-        transport.write(data)
-        stats.packets_sent += count
-        stats.bytes_sent += len(data) - 37 * count
-
-    def deliver_frame(self, frame: bytes, payload: bytes) -> None:
-        """Hand a RecvPacket frame to this client's transport, or to the bounded queue when paused."""
-        stats = self.relay.stats
-        if self.paused_since:
-            disco = F.looks_like_disco(payload[32:])
-            if disco:
-                queue = self.disco_queue
-                if queue is None:
-                    queue = self.disco_queue = deque()
-            else:
-                queue = self.queue
-                if queue is None:
-                    queue = self.queue = deque()
-            enqueue_packet(queue, frame, self.relay.queue_limit, stats, kind="disco" if disco else "other")
-            return
-        transport = self.transport
-        if transport is None:
-            stats.drop("gone_disconnected", kind=packet_kind(payload[32:]), size=len(payload) - 32)
-            return
-        transport.write(frame)
-        stats.packets_sent += 1
-        stats.bytes_sent += len(frame) - 37
-
-    def deliver(self, src: bytes, packet: bytes) -> None:
-        frame = _recv_header(F.RECV_PACKET, 32 + len(packet)) + src + packet
-        self.deliver_frame(frame, frame[5:])
-
-    def send_frame(self, frame: bytes, *, force: bool = False) -> None:
-        """Control frames: written now, or held (never dropped) while the transport is paused."""
-        transport = self.transport
-        if transport is None:
-            return
-        if not force and self.paused_since:
-            self._hold_control(frame)
-            return
-        transport.write(frame)
-
-    def _hold_control(self, frame: bytes) -> None:
-        control = self.control
-        if control is None:
-            self.control = [frame]
-        else:
-            control.append(frame)
-
-    def send_keepalive(self) -> None:
-        if self.paused_since:
-            return  # frames are already waiting to go out; derper's keepalive ticker also skips
-        self.send_frame(F.KEEP_ALIVE_FRAME)
-
-    def peer_present_frame(self) -> bytes:
-        ip16 = bytes(16)
-        port = 0
-        if self.peer:
-            try:
-                addr = ipaddress.ip_address(self.peer[0])
-                ip16 = (addr.ipv4_mapped or addr).packed if addr.version == 6 else addr.packed
-                if len(ip16) == 4:
-                    ip16 = b"\x00" * 10 + b"\xff\xff" + ip16
-                port = int(self.peer[1])
-            except ValueError:
-                pass
-        return F.build_peer_present(self.key, ip16, port, present_flags(
-            is_prober=self.is_prober, is_mesh=self.is_mesh, not_ideal=not self.ideal_node and not self.websocket))
-
-    # -- closing ------------------------------------------------------------------------------------
-
-    def _protocol_error(self, why: str) -> None:
-        self.relay.stats.protocol_errors += 1
-        self.close_with(f"protocol error: {why}", level=logging.INFO)
-
-    def close_with(self, why: str, *, level: int = logging.DEBUG, quiet: bool = False) -> None:
-        if not quiet:
-            who = PublicKey(self.key).short() if self.key else "unidentified client"
-            log.log(level, "closing %s from %s: %s", who, self.peer, why)
-        self._drop_queued("gone_disconnected")
-        transport = self.transport
-        if transport is not None:
-            transport.close()
-        if self.state != CLOSED:
-            self.state = CLOSED
-            if self.registered:
-                self.relay.unregister(self)
-
-    def _drop_queued(self, reason: str) -> None:
-        """Packets still queued for a client that is going away are dropped, and counted."""
-        queued = len(self.queue or ()) + len(self.disco_queue or ())
-        if queued:
-            self.relay.stats.drop(reason, queued)
-        self.queue = self.disco_queue = None
-        self.control = None
-
-    def abort_with(self, why: str) -> None:
-        log.info("dropping %s from %s: %s", PublicKey(self.key).short() if self.key else "?", self.peer, why)
-        self._drop_queued("write_error")
-        transport = self.transport
-        if self.state != CLOSED:
-            self.state = CLOSED
-            if self.registered:
-                self.relay.unregister(self)
-        if transport is not None:
-            transport.abort()
-
-
-#: a queued RecvPacket frame is header (5) + source key (32) + the packet
-RECV_FRAME_OVERHEAD = 5 + 32
-
-
-def enqueue_packet(queue: deque[bytes], frame: bytes, limit: int, stats: Any, *, kind: str = "other") -> None:
-    """derper's sendPkt: up to 3 tries to append, dropping the head (queue_head) each time the queue
-    is full; if it is still full, the new packet is dropped (queue_tail). With one thread per worker
-    the first head drop always makes room, so queue_tail is counted only if limit is 0."""
-    for _ in range(3):
-        if len(queue) < limit:
-            queue.append(frame)
-            return
-        if queue:
-            stats.drop("queue_head", kind=kind, size=len(queue.popleft()) - RECV_FRAME_OVERHEAD)
-    stats.drop("queue_tail", kind=kind, size=len(frame) - RECV_FRAME_OVERHEAD)
-
-
-def take_token(tokens: float, stamp: float, now: float, *, rate: float = DISCO_PEER_GONE_PER_SEC,
-               burst: float = DISCO_PEER_GONE_BURST) -> tuple[bool, float]:
-    """A token bucket step: (allowed, tokens left) for a bucket last updated at stamp."""
-    tokens = min(burst, tokens + (now - stamp) * rate)
-    if tokens < 1.0:
-        return False, tokens
-    return True, tokens - 1.0
-
-
-def present_flags(*, is_prober: bool, is_mesh: bool, not_ideal: bool) -> int:
-    """derper's presentFlags: IsRegular only when no other bit is set. WebSocket connections are never
-    not-ideal (derper's WebSocket handler does not look at Ideal-Node)."""
-    flags = 0
-    if is_prober:
-        flags |= F.PEER_PRESENT_IS_PROBER
-    if is_mesh:
-        flags |= F.PEER_PRESENT_IS_MESH_PEER
-    if not_ideal:
-        flags |= F.PEER_PRESENT_NOT_IDEAL
-    return flags or F.PEER_PRESENT_IS_REGULAR
+        session = self.session
+        session.handshake_timer(max(monotonic(), session.handshake_deadline))

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypeAlias
+
+#: what a frame's payload is on the hot path: a zero-copy view into a read, or bytes
+Payload: TypeAlias = bytes | memoryview
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"
 PROTOCOL_VERSION = 2
@@ -111,7 +115,7 @@ def build_recv_packet(src: bytes, packet: bytes) -> bytes:
     return _HEADER.pack(RECV_PACKET, KEY_LEN + len(packet)) + src + packet
 
 
-def build_forward_packet(src: bytes, dst: bytes, packet: bytes) -> bytes:
+def build_forward_packet(src: bytes, dst: bytes, packet: Payload) -> bytes:
     if len(packet) > MAX_PACKET_SIZE:
         raise ValueError(f"packet of {len(packet)} bytes exceeds the DERP maximum {MAX_PACKET_SIZE}")
     return _HEADER.pack(FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + src + dst + packet
@@ -169,7 +173,7 @@ def build_restarting(reconnect_in_ms: int, try_for_ms: int) -> bytes:
 # -- payload parsers ------------------------------------------------------------------------------
 
 
-def parse_server_key(payload: bytes) -> bytes:
+def parse_server_key(payload: Payload) -> bytes:
     """Return the server's public key from a ServerKey payload (trailing bytes are for future use)."""
     if len(payload) < len(MAGIC) + KEY_LEN:
         raise ProtocolError(f"ServerKey frame too short ({len(payload)} bytes)")
@@ -178,7 +182,7 @@ def parse_server_key(payload: bytes) -> bytes:
     return bytes(payload[len(MAGIC) : len(MAGIC) + KEY_LEN])
 
 
-def parse_client_info(payload: bytes) -> tuple[bytes, bytes, bytes]:
+def parse_client_info(payload: Payload) -> tuple[bytes, bytes, bytes]:
     """Split ClientInfo into (client public key, nonce, sealed box)."""
     if len(payload) > MAX_INFO_LEN:
         raise ProtocolError(f"ClientInfo of {len(payload)} bytes exceeds {MAX_INFO_LEN}")
@@ -191,13 +195,13 @@ def parse_client_info(payload: bytes) -> tuple[bytes, bytes, bytes]:
     )
 
 
-def parse_server_info(payload: bytes) -> tuple[bytes, bytes]:
+def parse_server_info(payload: Payload) -> tuple[bytes, bytes]:
     if len(payload) < NONCE_LEN:
         raise ProtocolError(f"ServerInfo frame too short ({len(payload)} bytes)")
     return bytes(payload[:NONCE_LEN]), bytes(payload[NONCE_LEN:])
 
 
-def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
+def parse_send_packet(payload: Payload) -> tuple[bytes, bytes]:
     """Return (dst, packet) of a SendPacket payload."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("SendPacket frame shorter than a key")
@@ -206,14 +210,14 @@ def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN:])
 
 
-def parse_recv_packet(payload: bytes) -> tuple[bytes, bytes]:
+def parse_recv_packet(payload: Payload) -> tuple[bytes, bytes]:
     """Return (src, packet) of a v2 RecvPacket payload."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("RecvPacket frame shorter than a key")
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN:])
 
 
-def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
+def parse_forward_packet(payload: Payload) -> tuple[bytes, bytes, bytes]:
     """Return (src, dst, packet) of a ForwardPacket payload."""
     if len(payload) < 2 * KEY_LEN:
         raise ProtocolError("ForwardPacket frame shorter than two keys")
@@ -222,13 +226,13 @@ def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
     return bytes(payload[:KEY_LEN]), bytes(payload[KEY_LEN : 2 * KEY_LEN]), bytes(payload[2 * KEY_LEN :])
 
 
-def parse_note_preferred(payload: bytes) -> bool:
+def parse_note_preferred(payload: Payload) -> bool:
     if len(payload) < 1:
         raise ProtocolError("NotePreferred frame is empty")
     return payload[0] != 0
 
 
-def parse_peer_gone(payload: bytes) -> tuple[bytes, int]:
+def parse_peer_gone(payload: Payload) -> tuple[bytes, int]:
     """Return (peer, reason); a bare key (old servers) means disconnected."""
     if len(payload) < KEY_LEN:
         raise ProtocolError("PeerGone frame shorter than a key")
@@ -244,7 +248,7 @@ class PeerPresent:
     flags: int = 0
 
 
-def parse_peer_present(payload: bytes) -> PeerPresent:
+def parse_peer_present(payload: Payload) -> PeerPresent:
     if len(payload) < KEY_LEN:
         raise ProtocolError("PeerPresent frame shorter than a key")
     key = bytes(payload[:KEY_LEN])
@@ -256,13 +260,13 @@ def parse_peer_present(payload: bytes) -> PeerPresent:
     return PeerPresent(key, ip, port, flags)
 
 
-def parse_close_peer(payload: bytes) -> bytes:
+def parse_close_peer(payload: Payload) -> bytes:
     if len(payload) != KEY_LEN:
         raise ProtocolError("ClosePeer frame must carry exactly one key")
     return bytes(payload)
 
 
-def parse_ping(payload: bytes) -> bytes:
+def parse_ping(payload: Payload) -> bytes:
     """Return the 8 bytes to echo; derper allows 8..1000 byte pings and echoes the first 8."""
     if len(payload) < PING_LEN:
         raise ProtocolError(f"Ping frame too short ({len(payload)} bytes)")
@@ -271,24 +275,24 @@ def parse_ping(payload: bytes) -> bytes:
     return bytes(payload[:PING_LEN])
 
 
-def parse_pong(payload: bytes) -> bytes:
+def parse_pong(payload: Payload) -> bytes:
     if len(payload) < PING_LEN:
         raise ProtocolError("Pong frame too short")
     return bytes(payload[:PING_LEN])
 
 
-def parse_restarting(payload: bytes) -> tuple[int, int]:
+def parse_restarting(payload: Payload) -> tuple[int, int]:
     """Return (reconnect_in_ms, try_for_ms)."""
     if len(payload) < 8:
         raise ProtocolError("Restarting frame too short")
     return _U32X2.unpack_from(payload)
 
 
-def parse_health(payload: bytes) -> str:
+def parse_health(payload: Payload) -> str:
     return bytes(payload).decode("utf-8", "replace")
 
 
-def looks_like_disco(packet: bytes) -> bool:
+def looks_like_disco(packet: Payload) -> bool:
     return len(packet) >= DISCO_MIN_LEN and packet[: len(DISCO_MAGIC)] == DISCO_MAGIC
 
 
@@ -307,22 +311,44 @@ class FrameParser:
     handleUnknownFrame reads and discards frames of any size).
     """
 
-    __slots__ = ("_buf", "_skip", "max_frame_len", "oversize_fatal")
+    __slots__ = ("_buf", "_fatal", "_limit", "_need", "_skip")
 
     def __init__(self, max_frame_len: int = MAX_INFO_LEN) -> None:
         self._buf = bytearray()
         self._skip = 0
-        self.max_frame_len = max_frame_len
-        self.oversize_fatal: frozenset[int] | None = None
+        #: how long the buffered remainder must grow before a frame can be complete: until then a
+        #: read is only appended (a byte-at-a-time sender costs O(its bytes), not O(buffered) per read)
+        self._need = 0
+        self._limit = max_frame_len
+        self._fatal: frozenset[int] | None = None
+
+    @property
+    def max_frame_len(self) -> int:
+        return self._limit
+
+    @max_frame_len.setter
+    def max_frame_len(self, limit: int) -> None:
+        self._limit = limit
+        self._need = 0  # the buffered header is checked again against the new limit
+
+    @property
+    def oversize_fatal(self) -> frozenset[int] | None:
+        return self._fatal
+
+    @oversize_fatal.setter
+    def oversize_fatal(self, types: frozenset[int] | None) -> None:
+        self._fatal = types
+        self._need = 0
 
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
+    def feed(self, data: Payload) -> list[tuple[int, memoryview]]:
         """Append `data` and return every frame now complete, in order.
 
         Payloads are zero-copy views into immutable bytes: valid as long as the caller holds them,
-        never changed underneath. A frame cut by a read boundary costs one copy of that read.
+        never changed underneath. A frame cut by read boundaries is copied once more when its last
+        byte arrives; the reads before that are only appended.
         """
         if self._skip:
             if len(data) <= self._skip:
@@ -333,18 +359,20 @@ class FrameParser:
         buf = self._buf
         if buf:
             buf += data
+            if len(buf) < self._need:
+                return []
             data = bytes(buf)
             buf.clear()
         view = memoryview(data)
         frames: list[tuple[int, memoryview]] = []
         pos = 0
         end = len(data)
-        limit = self.max_frame_len
+        limit = self._limit
         unpack = _HEADER.unpack_from
         while end - pos >= HEADER_LEN:
             frame_type, length = unpack(data, pos)
             if length > limit:
-                fatal = self.oversize_fatal
+                fatal = self._fatal
                 if fatal is not None and frame_type not in fatal:
                     stop = pos + HEADER_LEN + length
                     if stop <= end:
@@ -362,4 +390,6 @@ class FrameParser:
             pos = stop
         if pos < end:
             buf += view[pos:]
+            # a remainder of a header or more already passed the length check above
+            self._need = HEADER_LEN if end - pos < HEADER_LEN else HEADER_LEN + unpack(data, pos)[1]
         return frames

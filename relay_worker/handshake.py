@@ -15,6 +15,7 @@ from nacl.public import PublicKey as NaclPublicKey
 from .frames import (
     NONCE_LEN,
     PROTOCOL_VERSION,
+    Payload,
     ProtocolError,
     build_client_info,
     build_server_info,
@@ -136,7 +137,7 @@ class ServerHandshake:
     def __init__(self, server: PrivateKey) -> None:
         self._private = server.nacl()
 
-    def open_client_info(self, payload: bytes) -> tuple[bytes, ClientInfo, Box]:
+    def open_client_info(self, payload: Payload) -> tuple[bytes, ClientInfo, Box]:
         client_public, nonce, sealed = parse_client_info(payload)
         try:
             box = Box(self._private, NaclPublicKey(client_public))
@@ -151,7 +152,7 @@ class ServerHandshake:
         return build_server_info(nonce, box.encrypt(info.to_json(), nonce).ciphertext)
 
 
-def open_client_info(server: PrivateKey, payload: bytes) -> tuple[bytes, ClientInfo]:
+def open_client_info(server: PrivateKey, payload: Payload) -> tuple[bytes, ClientInfo]:
     """Open a ClientInfo payload: return (client public key, info) or raise ProtocolError."""
     opened = ServerHandshake(server).open_client_info(payload)
     return opened[0], opened[1]

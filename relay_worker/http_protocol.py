@@ -69,6 +69,12 @@ def _first(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
+def is_ideal_node(headers: list[tuple[bytes, bytes]]) -> bool:
+    """derper's handler: the client says this is not its ideal node when the first `Ideal-Node`
+    value is non-empty (Go's Header.Get; textproto strips the value's surrounding blanks)."""
+    return not _first(headers, b"ideal-node").strip(b" \t")
+
+
 def _tls_protocol_class(loop: Any) -> Any:
     """uvloop's TLS protocol on a uvloop loop (what its create_server(ssl=) uses: C, not Python),
     else asyncio's."""
@@ -77,7 +83,7 @@ def _tls_protocol_class(loop: Any) -> Any:
         import uvloop.loop
 
         if isinstance(loop, uvloop.Loop):
-            return uvloop.loop.SSLProtocol
+            return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]  # not in uvloop's stubs
     except ImportError:
         pass
     from asyncio import sslproto
@@ -388,19 +394,19 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self.connections.discard(self)  # the relay owns it now, and drains it on shutdown
         transport = self.transport
         headers = self._hijack_headers
+        relay = self.relay
+        assert relay is not None  # only a protocol with a relay hijacks (on_headers_complete)
         if self._hijack == "ws":
             from .websocket_transport import WebSocketDerp
 
-            ws = WebSocketDerp(self.relay, transport, self.client)
+            ws = WebSocketDerp(relay, transport, self.client)
             transport.set_protocol(ws)
             self.flow.resume_reading()
             ws.handshake(self.scope["method"], self.url, headers, early)
             return
-        relay = self.relay
         fast_start = _first(headers, b"derp-fast-start").strip() == b"1"
         preamble = b"" if fast_start else switching_protocols_response(relay.server_public)
-        names = {name for name, _ in headers}
-        conn = DerpServerConn(relay, self.client, ideal_node=b"ideal-node" not in names, preamble=preamble)
+        conn = DerpServerConn(relay, self.client, ideal_node=is_ideal_node(headers), preamble=preamble)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         self.flow.resume_reading()

@@ -15,12 +15,11 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # conn.py calls into this module, so importing it at runtime would be circular
-    from .conn import DerpServerConn
+from .seams import Transport
 
 
 class TokenBucket:
@@ -179,7 +178,34 @@ def load_rate_config(path: str) -> tuple[int, int]:
     return effective_read_limit(values[0], values[1])
 
 
-def set_read_limit(relay: Any, rate: int, burst: int) -> None:
+class ReadLimits(Protocol):
+    """The relay's per-client limit (Relay.token_bucket_rate/burst; a rate of 0 is no limit)."""
+
+    token_bucket_rate: int
+    token_bucket_burst: int
+
+
+class ReadLimited(Protocol):
+    """A connection whose reads are limited (a ServerSession, seams.Client): the bucket lives on it."""
+
+    read_limit: _ReadLimit | None
+
+    @property
+    def is_mesh(self) -> bool: ...
+
+    @property
+    def registered(self) -> bool: ...
+
+    @property
+    def transport(self) -> Transport | None: ...
+
+
+class LimitedRelay(ReadLimits, Protocol):
+    @property
+    def connections(self) -> Iterable[ReadLimited]: ...
+
+
+def set_read_limit(relay: LimitedRelay, rate: int, burst: int) -> None:
     """Apply a new per-client limit to the relay and to every existing connection's bucket (derper's
     UpdateRateLimits applies to existing clients too); rate 0 lifts it, resuming paused readers."""
     relay.token_bucket_rate, relay.token_bucket_burst = effective_read_limit(rate, burst)
@@ -206,21 +232,20 @@ class _ReadLimit:
         self.resume: asyncio.TimerHandle | None = None
 
 
-
 #: process-wide counters for /debug/varz (a worker is one process with one Relay)
 read_limit_counters: dict[str, float] = {"pauses": 0, "paused_seconds": 0.0, "limited_connections": 0}
 
 
-def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
+def apply_read_limit(conn: ReadLimited, nbytes: int, limits: ReadLimits) -> None:
     """Count nbytes just read from conn against its byte budget; pause reading while in debt.
 
-    Call at the end of `DerpServerConn.data_received` with the read's frame lengths (headers
-    excluded, each clamped to MIN_READ_BURST), which is what derper charges. Connections that are
+    Call after each read with the relay's limits and what `ServerSession.receive_data` charged: the
+    read's frame lengths (headers excluded, each clamped to MIN_READ_BURST), which is what derper
+    charges. Connections that are
     not yet admitted and mesh peers (probers presenting the mesh key included) are not limited; with
     no rate set this returns at once. The bucket lives on the connection, so it goes when the connection goes.
     """
-    relay = conn.relay
-    rate = relay.token_bucket_rate
+    rate = limits.token_bucket_rate
     if rate <= 0 or conn.is_mesh or not conn.registered:
         return
     transport = conn.transport
@@ -230,7 +255,7 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
     now = loop.time()
     entry = conn.read_limit
     if entry is None:
-        entry = conn.read_limit = _ReadLimit(TokenBucket(rate, relay.token_bucket_burst or rate, now))
+        entry = conn.read_limit = _ReadLimit(TokenBucket(rate, limits.token_bucket_burst or rate, now))
         read_limit_counters["limited_connections"] += 1
     wait = entry.bucket.debit(nbytes, now)
     if wait > 0 and entry.resume is None:
@@ -240,14 +265,14 @@ def apply_read_limit(conn: DerpServerConn, nbytes: int) -> None:
         entry.resume = loop.call_later(wait, _resume, conn, entry)
 
 
-def _resume(conn: DerpServerConn, entry: _ReadLimit) -> None:
+def _resume(conn: ReadLimited, entry: _ReadLimit) -> None:
     entry.resume = None
     transport = conn.transport
     if transport is not None and conn.registered:
         transport.resume_reading()
 
 
-def cancel_read_limit(conn: DerpServerConn) -> None:
+def cancel_read_limit(conn: ReadLimited) -> None:
     """The connection closed: drop its bucket and any pending resume."""
     entry = conn.read_limit
     if entry is not None:

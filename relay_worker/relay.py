@@ -1,8 +1,9 @@
 """The relay's per-worker state: which connection serves which key, who heard from whom, watchers.
 
-A `Relay` knows nothing about sockets: connections register with it and it calls back into them
-through the small `Peer` surface (`send_frame`, `deliver`, `close_with`). Keys held by other
-workers or nodes are reached through an optional `Forwarder` that `cluster` wires to `mesh`.
+A `Relay` knows nothing about sockets: sessions (session.py) register with it and it calls back
+into them through `seams.Client` (`deliver_parts`, `send_frame`, `close_with`...). Keys held by
+other workers or nodes are reached through an optional `seams.Forwarder` that `cluster` wires to
+`mesh`; admission is an optional `seams.Admission` hook.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import random
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
 
 from . import frames as F
+from .frames import Payload
 from .handshake import ServerHandshake
-from .keys import PrivateKey, PublicKey
+from .keys import PrivateKey
+from .seams import Admission, Client, Forwarder
 from .stats import WorkerStats, packet_kind
 
-if TYPE_CHECKING:
-    from .conn import DerpServerConn
+__all__ = ["Forwarder", "Relay"]  # Forwarder: where mesh and tests have always imported it from
 
 log = logging.getLogger("relay_worker.relay")
 _RECV_HEADER = struct.Struct(">BI").pack
@@ -32,25 +33,6 @@ SWEEP_INTERVAL = 1.0
 KEEPALIVE_SLOTS = int(KEEPALIVE_INTERVAL / SWEEP_INTERVAL) + KEEPALIVE_JITTER
 #: derper never sends Restarting; the client doc says TryFor should be "a few seconds" at most
 MAX_TRY_FOR_MS = 5000
-
-
-class Forwarder(Protocol):
-    """How a worker reaches keys it does not hold. Implemented by `mesh`, wired by `cluster`.
-
-    The relay reports which local connection (if any) is active for each key; the forwarder
-    publishes that, and calls back `Relay.reroute`, `remote_key_present` and `remote_key_gone`
-    when the cluster-wide picture of a key changes.
-    """
-
-    def forward(self, *, src: bytes, dst: bytes, packet: bytes) -> bool:
-        """Send to the remote owner of dst; False when no remote owner is known."""
-
-    def remote_winner(self, key: bytes) -> bool:
-        """True when another owner, not this worker, should receive packets for key."""
-
-    def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None: ...
-
-    def remote_keys(self) -> Iterable[bytes]: ...
 
 
 class Relay:
@@ -83,38 +65,37 @@ class Relay:
         self.max_clients = max_clients
         self.stats = WorkerStats()
         #: hot-path routing table: the connection that receives packets for each key routed here
-        self.clients: dict[bytes, DerpServerConn] = {}
+        self.clients: dict[bytes, Client] = {}
         #: the local connection chosen for each key held here (routed unless an owner elsewhere wins)
-        self.active: dict[bytes, DerpServerConn] = {}
+        self.active: dict[bytes, Client] = {}
         #: keys with more than one connection here: every connection of that key, oldest first
-        self.dups: dict[bytes, list[DerpServerConn]] = {}
+        self.dups: dict[bytes, list[Client]] = {}
         #: src key -> keys of local connections that received packets from src (for PeerGone)
         self.sent_to: dict[bytes, set[bytes]] = {}
-        self.watchers: set[DerpServerConn] = set()
-        self.connections: set[DerpServerConn] = set()
-        self.paused: set[DerpServerConn] = set()
+        self.watchers: set[Client] = set()
+        self.connections: set[Client] = set()
+        self.paused: set[Client] = set()
         #: connections over TLS, whose write deadline the sweep checks by buffered size
-        self.tls_connections: set[DerpServerConn] = set()
-        self.keepalive_slots: list[set[DerpServerConn]] = [set() for _ in range(KEEPALIVE_SLOTS)]
+        self.tls_connections: set[Client] = set()
+        self.keepalive_slots: list[set[Client]] = [set() for _ in range(KEEPALIVE_SLOTS)]
         self._sweep_index = 0
         self.next_epoch = 1
         self.forwarder: Forwarder | None = None
-        self.admission: Callable[..., object] | None = None
+        self.admission: Admission | None = None
         #: how a new connection waits, before ServerInfo, until every worker of the node can route
         #: to it (set by `mesh`: calls back once the others acknowledged this loop's publications)
         self.publication_barrier: Callable[[Callable[[], None]], None] | None = None
         self.draining = False
-        self.on_change: list[Callable[[], None]] = []
 
     # -- connection lifecycle ---------------------------------------------------------------------
 
-    def connection_opened(self, conn: DerpServerConn) -> None:
+    def connection_opened(self, conn: Client) -> None:
         self.connections.add(conn)
         if conn.tls:
             self.tls_connections.add(conn)
         self.stats.accepts += 1
 
-    def connection_closed(self, conn: DerpServerConn) -> None:
+    def connection_closed(self, conn: Client) -> None:
         self.connections.discard(conn)
         self.tls_connections.discard(conn)
         self.paused.discard(conn)
@@ -124,7 +105,7 @@ class Relay:
         if conn.registered:
             self.unregister(conn)
 
-    def register(self, conn: DerpServerConn) -> None:
+    def register(self, conn: Client) -> None:
         """Make an admitted connection reachable under its key."""
         key = conn.key
         conn.epoch = self.next_epoch
@@ -146,7 +127,7 @@ class Relay:
                 other.has_dup = True
             self._activate(key, conn)
 
-    def unregister(self, conn: DerpServerConn) -> None:
+    def unregister(self, conn: Client) -> None:
         key = conn.key
         conn.registered = False
         self.stats.current_connections -= 1
@@ -173,7 +154,7 @@ class Relay:
             return
         self.key_gone(key)
 
-    def _activate(self, key: bytes, conn: DerpServerConn) -> None:
+    def _activate(self, key: bytes, conn: Client) -> None:
         """Make conn the local connection for key, and route to it unless an owner elsewhere wins."""
         previous = self.active.get(key)
         self.active[key] = conn
@@ -202,14 +183,14 @@ class Relay:
         else:
             barrier(callback)
 
-    def note_activity(self, conn: DerpServerConn, now: float) -> None:
+    def note_activity(self, conn: Client, now: float) -> None:
         """A frame (any frame) from one of several connections of a key: derper's
         lastWriterIsActive makes it the active one, and removal falls back to the latest speaker."""
         conn.last_active = now
         if self.active.get(conn.key) is not conn:
             self._activate(conn.key, conn)
 
-    def note_preferred(self, conn: DerpServerConn, preferred: bool) -> None:
+    def note_preferred(self, conn: Client, preferred: bool) -> None:
         if preferred != conn.preferred and conn.registered:
             self.stats.current_home_connections += 1 if preferred else -1
             if preferred:  # derper's setPreferred: home_moves_in / home_moves_out
@@ -227,7 +208,7 @@ class Relay:
 
     # -- key presence (local and remote) ------------------------------------------------------------
 
-    def _announce_present(self, conn: DerpServerConn) -> None:
+    def _announce_present(self, conn: Client) -> None:
         if self.watchers:
             frame = conn.peer_present_frame()
             for watcher in tuple(self.watchers):
@@ -260,7 +241,7 @@ class Relay:
         if key not in self.active:
             self.key_gone(key)
 
-    def add_watcher(self, conn: DerpServerConn) -> None:
+    def add_watcher(self, conn: Client) -> None:
         self.watchers.add(conn)
         for client in list(self.active.values()):
             if client is not conn:
@@ -278,7 +259,7 @@ class Relay:
 
     # -- packets ------------------------------------------------------------------------------------
 
-    def note_delivery(self, src: bytes, dst: bytes) -> None:
+    def note_delivery(self, *, src: bytes, dst: bytes) -> None:
         """dst received from src: it is told PeerGone when src leaves (derper's sentTo)."""
         receivers = self.sent_to.get(src)
         if receivers is None:
@@ -286,7 +267,7 @@ class Relay:
         elif dst not in receivers:
             receivers.add(dst)
 
-    def deliver(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+    def deliver(self, *, dst: bytes, src: bytes, packet: Payload) -> bool:
         """Deliver a packet from src to dst if dst is connected here; False when it is not.
 
         Uses the local active connection, not the route: whoever forwarded it here decided we own
@@ -294,16 +275,16 @@ class Relay:
         conn = self.active.get(dst)
         if conn is None:
             return False
-        conn.deliver(src, packet)
-        self.note_delivery(src, dst)
+        conn.deliver(src=src, packet=packet)
+        self.note_delivery(src=src, dst=dst)
         return True
 
-    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, bytes]]) -> int:
+    def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, Payload]]) -> int:
         """Packets from our own mesh: one write per destination connection for the whole batch.
 
-        Returns how many records were malformed-free and handled; raises what the iterator raises."""
+        Returns how many records were read (delivered or dropped); raises what the iterator raises."""
         active = self.active
-        batches: dict[DerpServerConn, list[bytes | memoryview]] = {}
+        batches: dict[Client, list[Payload]] = {}
         count = dropped = 0
         last_src = last_dst = b""
         try:
@@ -321,7 +302,7 @@ class Relay:
                     parts += (header, src, packet)
                 # a batch holds runs of one sender's window to one receiver: note each pair once a run
                 if src != last_src or dst != last_dst:
-                    self.note_delivery(src, dst)
+                    self.note_delivery(src=src, dst=dst)
                     last_src, last_dst = src, dst
         finally:
             self.stats.packets_forwarded_in += count
@@ -331,16 +312,16 @@ class Relay:
                 conn.deliver_parts(parts)
         return count
 
-    def deliver_forwarded(self, dst: bytes, src: bytes, packet: bytes, *, from_derp_mesh: bool = False) -> bool:
+    def deliver_forwarded(self, *, dst: bytes, src: bytes, packet: Payload, from_derp_mesh: bool = False) -> bool:
         """A packet another worker or node sent us for a key it believes is here.
 
         A stock derper (Tailscale's mesh) sees our whole node as one server, so what it forwards
         may belong to another of our workers: that takes one more hop over our own mesh. Packets
         from our own mesh are never forwarded again, so nothing can loop."""
         self.stats.packets_forwarded_in += 1
-        if self.deliver(dst, src, packet):
+        if self.deliver(dst=dst, src=src, packet=packet):
             return True
-        if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(src=src, dst=dst, packet=packet):
+        if from_derp_mesh and self.forwarder is not None and self.forwarder.forward(dst=dst, src=src, packet=packet):
             self.stats.packets_forwarded_out += 1
             return True
         self.stats.drop("unknown_dest_on_fwd", kind=packet_kind(packet), size=len(packet))
@@ -377,7 +358,7 @@ class Relay:
             else:
                 self._check_write_deadline(conn, conn.unflushed_since, now)
 
-    def _check_write_deadline(self, conn: DerpServerConn, since: float, now: float) -> None:
+    def _check_write_deadline(self, conn: Client, since: float, now: float) -> None:
         limit = self.mesh_write_timeout if conn.is_mesh else self.write_timeout
         if limit and since and now - since > limit:
             self.stats.write_timeouts += 1
@@ -396,10 +377,7 @@ class Relay:
         self.stats.restarting_frames += count
         return count
 
-    def describe(self, key: bytes) -> str:
-        return PublicKey(key).short()
 
-
-def _best_of(group: list[DerpServerConn]) -> DerpServerConn:
+def _best_of(group: list[Client]) -> Client:
     """Among duplicates: the one that sent a frame last (derper's sendHistory), else the newest."""
     return max(group, key=lambda c: (c.last_active, c.epoch))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .frames import looks_like_disco
+from .frames import Payload, looks_like_disco
 
 DROP_REASONS = (
     "unknown_dest",
@@ -20,7 +20,7 @@ DROP_REASONS = (
 )
 
 
-def packet_kind(packet: bytes) -> str:
+def packet_kind(packet: Payload) -> str:
     """derper's packet kind for its drop labels: "disco" for a disco message (magic, key, nonce), else "other"."""
     return "disco" if looks_like_disco(packet) else "other"
 

@@ -23,15 +23,18 @@ aborts when the peer does not read), and:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from websockets.frames import Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from .conn import HIGH_WATER, DerpServerConn
 from .relay import Relay
@@ -70,24 +73,27 @@ def _frame_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x82, 127, size)
 
 
-def _select_derp(protocol: ServerProtocol, offered: Any) -> str | None:
+_DERP = Subprotocol("derp")
+
+
+def _select_derp(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     # as coder/websocket with Subprotocols ["derp"]: pick it when offered, else continue without one
-    return "derp" if "derp" in offered else None
+    return _DERP if _DERP in offered else None
 
 
-class WebSocketDerp:
-    """The asyncio Protocol of the socket, and the transport DerpServerConn writes to."""
+class WebSocketDerp(asyncio.Protocol):
+    """The asyncio Protocol of the socket, and the transport its DERP session (DerpServerConn, session.py) writes to."""
 
     def __init__(self, relay: Relay, transport: Any, peer: Any) -> None:
         self.relay = relay
         self.transport = transport
         self.peer = peer
-        self.ws = ServerProtocol(extensions=None, subprotocols=["derp"], select_subprotocol=_select_derp,
+        self.ws = ServerProtocol(extensions=None, subprotocols=[_DERP], select_subprotocol=_select_derp,
                                  max_size=MAX_MESSAGE, logger=_ws_log)
         self.conn: DerpServerConn | None = None
         self.closing = False
         self.text_message = False  # inside a text message (its continuation frames are refused too)
-        self.derp_paused = False  # DerpServerConn asked for reading to stop (admission)
+        self.derp_paused = False  # the DERP session asked for reading to stop (admission)
         self.pong_paused = False  # our pongs filled the write buffer
         self.write_paused = False
         self.abort_timer: Any = None
@@ -190,7 +196,7 @@ class WebSocketDerp:
         if self.conn is not None:
             self.conn.resume_writing()
 
-    # -- the transport surface DerpServerConn uses ----------------------------------------------------
+    # -- the transport surface the DERP session uses (seams.Transport) ---------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":

@@ -7,9 +7,17 @@ import pytest
 
 from tests.support import ClusterProcess
 
-#: tiers by directory: each test there gets the tier's marker and `slow`, and the timeout its first
-#: test's setup may need (interop builds Tailscale's programs, docker may debootstrap a base image)
-TIER_TIMEOUTS = {"interop": 1500, "docker": 900, "multihost": None}
+#: tiers by directory: (marks `slow`, timeout of the tier's first setup or None for the default).
+#: unit: pure code, no processes or sockets of a server; process: real workers, ZeroMQ, `cluster up`
+#: on loopback; interop builds Tailscale's programs, docker may debootstrap a base image.
+TIERS: dict[str, tuple[bool, int | None]] = {
+    "unit": (False, None),
+    "process": (False, None),
+    "faults": (True, None),
+    "interop": (True, 1500),
+    "docker": (True, 900),
+    "multihost": (True, None),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -17,11 +25,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(root).parts
         tier = parts[0] if len(parts) > 1 else ""
-        if tier not in TIER_TIMEOUTS:
+        if tier not in TIERS:
             continue
+        slow, timeout = TIERS[tier]
         item.add_marker(getattr(pytest.mark, tier))
-        item.add_marker(pytest.mark.slow)
-        timeout = TIER_TIMEOUTS[tier]
+        if slow:
+            item.add_marker(pytest.mark.slow)
         if timeout is not None:
             item.add_marker(pytest.mark.timeout(timeout))
 

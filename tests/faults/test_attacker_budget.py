@@ -28,8 +28,6 @@ from relay_worker.client import DerpClient
 from tests.faults.conftest import raise_nofile, report
 from tests.support import ClusterProcess, RawConn, await_until, rss_kib
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
 DEADLINE = 2.0  # --handshake-timeout and --http-read-timeout of the node under attack
 UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
 

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from relay_worker import frames as F
 from relay_worker.client import DerpClient
 from tests.support import ClusterProcess, await_until
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 FLOOD = 20_000
 

@@ -11,14 +11,10 @@ import contextlib
 import os
 import signal
 
-import pytest
-
 from relay_worker.client import DerpClient
 from relay_worker.keys import PrivateKey
 from tests.faults.conftest import report, worker_rss_kib
 from tests.support import ClusterProcess, await_until
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 HORIZON = 8.0  # --tombstone-horizon: short, so the test sees collection
 LIVE = 40  # clients that stay connected throughout

@@ -22,8 +22,6 @@ from relay_worker.client import DerpClient, DerpClientError
 from tests.faults.conftest import open_fds, raise_nofile, report, worker_rss_kib
 from tests.support import ClusterProcess, await_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
 HALF_OPEN = 5000
 SLOW_LORIS = 50
 SILENT_HANDSHAKES = 100

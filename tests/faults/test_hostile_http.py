@@ -26,8 +26,6 @@ from relay_worker.client import DerpClient
 from tests.faults.conftest import report, worker_rss_kib
 from tests.support import ClusterProcess, await_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
 READ_TIMEOUT = 1.0  # --http-read-timeout for the tests that wait for a deadline
 HANDSHAKE_TIMEOUT = 2.0
 #: what one hostile connection may add to a worker's RSS, whatever it sends

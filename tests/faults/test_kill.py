@@ -12,13 +12,9 @@ import os
 import signal
 import time
 
-import pytest
-
 from tests.faults.conftest import PairTraffic, drops_by_reason, report
+from tests.process.test_nodes import Node
 from tests.support import ClusterProcess, await_until
-from tests.test_nodes import Node
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 PAIRS = 50
 #: affected pairs must relay again within this many seconds of the kill

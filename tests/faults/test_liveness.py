@@ -15,14 +15,10 @@ import signal
 import time
 from typing import Any
 
-import pytest
-
 from relay_worker.client import DerpClient
 from relay_worker.keys import PrivateKey
 from tests.faults.conftest import report
 from tests.support import ClusterProcess, await_until, wait_until
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 DEAD_AFTER = 3.0  # the workers' silence limit (cluster/worker_main.py)
 STALL = 2 * DEAD_AFTER
@@ -110,7 +106,7 @@ async def test_busy_loop_across_nodes_with_curve_keeps_its_keys(tmp_path) -> Non
     node b's single worker spins for 3 x that while node a watches its keys."""
     from contextlib import ExitStack
 
-    from tests.test_nodes import Node, keygen
+    from tests.process.test_nodes import Node, keygen
 
     node_dead_after = 2.0
     stall = 3 * node_dead_after

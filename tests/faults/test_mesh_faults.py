@@ -15,7 +15,6 @@ import signal
 import time
 from contextlib import suppress
 
-import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,10 +25,8 @@ from mesh.hlc import HLC, pack
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, PeerGone
 from tests.faults.conftest import PairTraffic, drops_by_reason, report
+from tests.process.test_nodes import Node
 from tests.support import ClusterProcess, await_until
-from tests.test_nodes import Node
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 RESUME_BOUND = 10.0
 

@@ -20,15 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pytest
-
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, RecvPacket
 from relay_worker.keys import PrivateKey
 from tests.faults.conftest import report, worker_rss_kib
 from tests.support import ClusterProcess, RawConn, await_until, rss_kib
-
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 THROUGHPUT_RATIO = 0.5
 LATENCY_FACTOR = 4.0

@@ -1,6 +1,6 @@
 // tlspeek dials a TLS server with Go's crypto/tls (the stack tailscaled uses) and prints, for each
 // certificate the server sent, its subject CN and serial number, one per line: "CN<TAB>SERIAL".
-// Used by tests/test_cert_manual.py to check that Go parses our chain, meta certificate included.
+// Used by tests/process/test_cert_manual.py to check that Go parses our chain, meta certificate included.
 package main
 
 import (

@@ -20,7 +20,7 @@ import pytest
 from cluster.config import ConfigError, load_config
 from cluster.derpmap import build_derpmap, headscale_yaml, to_headscale
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 NUMBER = (int, float)
 

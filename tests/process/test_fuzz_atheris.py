@@ -21,7 +21,7 @@ from relay_worker import frames as F
 from relay_worker.handshake import ClientInfo, ServerInfo, open_client_info
 from relay_worker.keys import PrivateKey
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: seconds of fuzzing per harness in CI: enough for a few hundred thousand inputs on one core
 CI_SECONDS = 15
 

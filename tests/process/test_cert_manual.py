@@ -213,8 +213,8 @@ def go_peer_chain(port: int, server_name: str, tmp_path: Path) -> list[tuple[str
     if shutil.which("go") is None:
         return None
     binary = tmp_path / "tlspeek"
-    build = subprocess.run(["go", "build", "-o", str(binary), "./cmd/tlspeek"], cwd=Path(__file__).parent / "interop",
-                           capture_output=True, text=True, timeout=300)
+    build = subprocess.run(["go", "build", "-o", str(binary), "./cmd/tlspeek"],
+                           cwd=Path(__file__).parents[1] / "interop", capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     out = subprocess.run([str(binary), f"127.0.0.1:{port}", server_name], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

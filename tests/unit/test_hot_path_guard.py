@@ -1,11 +1,11 @@
 """A regression guard for the relay hot path that counts work instead of timing it.
 
 Timing tests are flaky on a shared 2-core box, so these drive a real Relay + DerpServerConn
-in-process over fake transports and count what relaying N packets costs: transport writes,
-asyncio tasks, futures and locks (none allowed), loop callbacks (at most one per read), and
-Python-level function calls per packet. A change that
-quietly adds a coroutine, a lock, a timer or a per-packet helper chain to the hot path fails here
-with the count that grew, long before a benchmark would notice.
+(and the ServerSession inside it) in-process over fake transports and count what relaying N
+packets costs: transport writes, asyncio tasks, futures and locks (none allowed), loop callbacks
+(at most one per read), and Python-level function calls per packet. A change that quietly adds a
+coroutine, a lock, a timer or a per-packet helper chain to the hot path fails here with the count
+that grew, long before a benchmark would notice.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ N = 400
 PACKET = bytes(range(256)) * 4 + b"x" * 176  # 1200 bytes, the benchmark's size
 
 #: Python functions per relayed packet when every packet arrives in its own read: today
-#: data_received -> FrameParser.feed -> _handle_frames -> deliver_frame is 4. Headroom for one
-#: more small helper, not for a coroutine (which costs several calls) or a chain of them.
+#: DerpServerConn.data_received -> ServerSession.receive_data -> FrameParser.feed ->
+#: _handle_frames -> deliver_parts is 5. Headroom for one more small helper, not for a coroutine
+#: (which costs several calls) or a chain of them.
 MAX_CALLS_PER_PACKET_ONE_PER_READ = 6.0
-#: ... and when a read carries many packets (the common case under load): one call per packet
-#: (deliver_frame) today; the per-read calls amortise away.
+#: ... and when a read carries many packets (the common case under load): under 0.1 call per
+#: packet today (the per-read calls amortise away, and the loop over frames calls nothing).
 MAX_CALLS_PER_PACKET_BULK = 2.0
 
 #: callables whose use on the hot path is a regression whatever the count: tasks, futures, locks
@@ -108,7 +109,7 @@ def connect(relay: Relay, port: int) -> tuple[DerpServerConn, FakeTransport, byt
     sent = [frame_type for frame_type, _ in frames_of(transport.data)]
     assert sent[:2] == [F.SERVER_KEY, F.SERVER_INFO], f"handshake did not complete: {sent}"
     public = key.public().raw
-    assert relay.clients.get(public) is conn
+    assert relay.clients.get(public) is conn.session
     transport.data.clear()
     transport.writes = 0
     return conn, transport, public
@@ -288,7 +289,7 @@ class CountingForwarder:
         self.forwarded = 0
         self.remote: set[bytes] = set()
 
-    def forward(self, dst: bytes, src: bytes, packet: bytes) -> bool:
+    def forward(self, *, dst: bytes, src: bytes, packet: F.Payload) -> bool:
         if dst not in self.remote:
             return False
         self.forwarded += 1

@@ -7,6 +7,7 @@ a small receive buffer, so the test decides exactly when the server sees a pause
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,10 +22,12 @@ from mesh.directory import Entry, Owner, encode_entries
 from mesh.hlc import pack
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, DerpClientError, PeerGone, Pong
-from relay_worker.conn import DerpServerConn, present_flags, take_token
+from relay_worker.conn import DerpServerConn
 from relay_worker.handshake import ClientInfo, seal_client_info
+from relay_worker.http_protocol import is_ideal_node
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Relay
+from relay_worker.session import present_flags, take_token
 from tests.support import ClusterProcess, RawConn, await_until, free_port_range
 
 pytestmark = pytest.mark.slow
@@ -96,7 +99,14 @@ async def test_watch_conns_dump_is_complete_for_100000_keys(mesh_key_file: Path)
         try:
             for start in range(0, len(keys), 4000):
                 push.send(ghost_delta(keys[start : start + 4000], start))
-            await await_until(lambda: node.varz()["directory"]["size"] == len(keys), timeout=30,
+            def directory_size() -> int:
+                # the worker merges 4,000 keys per message: on a loaded machine an admin request
+                # may wait past its 2 s timeout behind a merge; that is "not yet", not a failure
+                with contextlib.suppress(OSError):
+                    return int(node.varz()["directory"]["size"])
+                return -1
+
+            await await_until(lambda: directory_size() == len(keys), timeout=30,
                               what="the directory to hold the injected keys")
         finally:
             push.close()
@@ -242,7 +252,7 @@ def test_not_here_bucket_is_derpers_burst_3_at_1_per_second() -> None:
 
 
 async def test_admission_slower_than_the_handshake_timeout_still_admits() -> None:
-    from tests.test_admission import FakeVerifyURL
+    from tests.process.test_admission import FakeVerifyURL
 
     slow_key = PrivateKey.generate()
     verifier = await FakeVerifyURL(answers={slow_key.public().raw: (200, b'{"Allow":true}', 1.5)}).start()
@@ -329,6 +339,35 @@ async def test_c1_c3_watchers_see_a_prober_as_0x04_and_any_frame_makes_a_duplica
                 await c.close()
 
 
+def test_c1_an_empty_ideal_node_header_is_the_ideal_node() -> None:
+    # derper's handler: `r.Header.Get("Ideal-Node") != ""` marks the connection not ideal
+    assert is_ideal_node([])
+    assert is_ideal_node([(b"ideal-node", b"")])
+    assert is_ideal_node([(b"ideal-node", b" \t ")])
+    assert is_ideal_node([(b"ideal-node", b""), (b"ideal-node", b"901a")])  # Header.Get: the first value
+    assert not is_ideal_node([(b"ideal-node", b"901a")])
+    assert not is_ideal_node([(b"host", b"x"), (b"ideal-node", b"901a"), (b"ideal-node", b"")])
+
+
+async def test_c1_watchers_see_not_ideal_only_for_a_non_empty_ideal_node_header(mesh_key_file: Path) -> None:
+    with ClusterProcess("--mesh-key-file", str(mesh_key_file), workers=1) as node:
+        watcher = await DerpClient.connect(node.url, mesh_key=MESH_KEY)
+        await watcher.watch_conns()
+        empty = await DerpClient.connect(node.url, extra_headers={"Ideal-Node": ""})
+        named = await DerpClient.connect(node.url, extra_headers={"Ideal-Node": "901a"})
+        try:
+            flags: dict[bytes, int] = {}
+            while len(flags) < 2:
+                event = await watcher.recv(timeout=10)
+                if isinstance(event, F.PeerPresent) and event.key in (empty.public_key, named.public_key):
+                    flags[event.key] = event.flags
+            assert flags[empty.public_key] == F.PEER_PRESENT_IS_REGULAR
+            assert flags[named.public_key] == F.PEER_PRESENT_NOT_IDEAL
+        finally:
+            for c in (watcher, empty, named):
+                await c.close()
+
+
 async def test_c4_per_type_length_rules_and_big_unknown_frames_are_skipped() -> None:
     with ClusterProcess(workers=1) as node:
         a = await DerpClient.connect(node.url)
@@ -382,8 +421,8 @@ async def test_c15_keepalive_period_is_60s_plus_per_connection_jitter() -> None:
         transport, conn = await loop.connect_accepted_socket(lambda: DerpServerConn(relay), ours)
         key = PrivateKey.generate()
         conn.data_received(seal_client_info(key, relay.server_public, ClientInfo()))
-        assert conn.registered
-        periods.add(conn.keepalive_period)
+        assert conn.session.registered
+        periods.add(conn.session.keepalive_period)
         transport.close()
         theirs.close()
     assert periods <= set(range(60, 65)) and len(periods) > 1, periods

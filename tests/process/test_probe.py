@@ -50,7 +50,7 @@ from tests.support import ClusterProcess, free_port, wait_until
 stun_client = pytest.importorskip("stun.client", reason="the stun package (issue #4 part 1) is not in the tree")
 stun_server = pytest.importorskip("stun.server", reason="the stun package (issue #4 part 1) is not in the tree")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stun_answers(port: int) -> bool:

@@ -3,7 +3,7 @@
 The verifier stand-ins (tailscaled's LocalAPI on a unix socket, an admission URL on 127.0.0.1) run in
 the test's event loop; the cluster's workers talk to them across processes.
 
-Also a benchmark (not a test): `python -m tests.test_admission_cluster bench` measures the handshake
+Also a benchmark (not a test): `python -m tests.process.test_admission_cluster bench` measures the handshake
 rate of one worker with verification on, cache cold and warm (figures in docs/ADMISSION.md).
 """
 
@@ -29,8 +29,7 @@ import pytest
 from relay_worker import frames as F
 from relay_worker.client import DerpClient, RecvPacket
 from relay_worker.keys import PrivateKey
-from tests.support import ClusterProcess, await_until, free_port
-from tests.test_admission import (
+from tests.process.test_admission import (
     FakeLocalAPI,
     FakeVerifyURL,
     _count,
@@ -41,6 +40,7 @@ from tests.test_admission import (
     handshake_with_early_packet,
     round_trip,
 )
+from tests.support import ClusterProcess, await_until, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -379,7 +379,7 @@ async def bench(count: int, concurrency: int, delay: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.test_admission_cluster")
+    parser = argparse.ArgumentParser(prog="python -m tests.process.test_admission_cluster")
     parser.add_argument("command", choices=["bench"])
     parser.add_argument("--count", type=int, default=2000, help="handshakes per phase")
     parser.add_argument("--concurrency", type=int, default=50)

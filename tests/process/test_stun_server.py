@@ -30,7 +30,7 @@ from stun import (
 )
 from stun.codec import MAGIC_COOKIE, BindingRequest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NO_ANSWER_WAIT = 0.3  # how long "no answer" is waited for; loopback answers arrive in well under 1 ms
 
 

@@ -418,8 +418,8 @@ class ConnMachine(RuleBasedStateMachine):
         assert new and new[0][0] == F.SERVER_INFO, "an admitted client gets ServerInfo first"
         client.key_index = key
         client.mesh = mesh
-        assert client.conn.is_mesh == mesh
-        assert self.relay.active.get(CLIENT_PUBS[key]) is client.conn, "the newest connection is active"
+        assert client.conn.session.is_mesh == mesh
+        assert self.relay.active.get(CLIENT_PUBS[key]) is client.conn.session, "the newest connection is active"
 
     @precondition(has_clients)
     @rule(index=st.integers(0, MAX_CONNS), key=st.integers(0, len(CLIENT_KEYS) - 1), plaintext=plaintexts,
@@ -478,10 +478,10 @@ class ConnMachine(RuleBasedStateMachine):
             return
         self.expect_received += count
         assert self.relay.stats.packets_received == received + count
-        if route is None and not client.conn.has_dup:
+        if route is None and not client.conn.session.has_dup:
             assert self.relay.stats.drops["unknown_dest"] == unknown + count
         holders = [c for c in self.clients if c.open and c.key == dst_key]
-        if route is not None and not any(c.conn.paused_since for c in holders):
+        if route is not None and not any(c.conn.session.paused_since for c in holders):
             # liveness: when every connection of the key keeps up, each packet arrives at once (at
             # whichever of them is active: a duplicate that sends becomes the active one)
             for holder in holders:
@@ -495,7 +495,7 @@ class ConnMachine(RuleBasedStateMachine):
         if not client.open:
             return
         active = client.key_index >= 0
-        paused = bool(client.conn.paused_since)
+        paused = bool(client.conn.session.paused_since)
         self.scan(client)
         pongs = client.pongs
         self.feed(client, F.build_frame(F.PING, bytes(range(8)) * (size // 8) + b"\x01" * (size % 8)), [])
@@ -534,7 +534,7 @@ class ConnMachine(RuleBasedStateMachine):
         if not client.open:
             return
         if kind == "header":
-            data = F.frame_header(F.SEND_PACKET, client.conn.parser.max_frame_len + 1)
+            data = F.frame_header(F.SEND_PACKET, client.conn.session.parser.max_frame_len + 1)
         elif kind == "send_packet":
             # fits the frame limit (ForwardPacket's) but is one byte over a SendPacket's
             data = F.frame_header(F.SEND_PACKET, 32 + F.MAX_PACKET_SIZE + 1) + bytes(32 + F.MAX_PACKET_SIZE + 1)
@@ -545,7 +545,7 @@ class ConnMachine(RuleBasedStateMachine):
             # size: the payload streams through (here in three reads) and is never buffered
             self.feed(client, data + bytes(F.MAX_INFO_LEN + 1), [3, 500])
             assert not client.transport.closing, "an oversized frame of an unhandled type is skipped"
-            assert client.conn.parser.buffered() == 0
+            assert client.conn.session.parser.buffered() == 0
             return
         self.feed(client, data, [])
         assert client.transport.closing, f"an oversized {kind} must close the connection"
@@ -604,11 +604,11 @@ class ConnMachine(RuleBasedStateMachine):
         if client.open and client.transport.write_paused:
             client.transport.write_paused = False
             self.step(client.conn.resume_writing)
-            assert not client.conn.queue and not client.conn.disco_queue, "resume flushes the queues"
+            assert not client.conn.session.queue and not client.conn.session.disco_queue, "resume flushes the queues"
 
     @rule(late=st.booleans())
     def sweep(self, late: bool) -> None:
-        stalled = [c for c in self.clients if c.open and c.conn.paused_since]
+        stalled = [c for c in self.clients if c.open and c.conn.session.paused_since]
         # late: past both the client (2 s) and the mesh peer (30 s) write timeouts
         self.step(lambda: self.relay.sweep(time.monotonic() + (self.relay.mesh_write_timeout + 1 if late else 0)))
         if late:
@@ -656,7 +656,7 @@ class ConnMachine(RuleBasedStateMachine):
     def closed_connections_leave_the_relay(self) -> None:
         relay = self.relay
         for client in self.clients:
-            conn = client.conn
+            conn = client.conn.session
             assert client.transport.lost_calls <= 1
             if client.transport.lost:
                 assert conn not in relay.connections
@@ -671,7 +671,7 @@ class ConnMachine(RuleBasedStateMachine):
     @invariant()
     def only_admitted_clients_are_routed(self) -> None:
         relay = self.relay
-        by_conn = {id(c.conn): c for c in self.clients}
+        by_conn = {id(c.conn.session): c for c in self.clients}
         for key, conn in [*relay.active.items(), *relay.clients.items()]:
             client = by_conn[id(conn)]
             assert client.key_index >= 0 and client.key == key == conn.key, "routed without a good ClientInfo"
@@ -723,7 +723,7 @@ def _handshaken(relay: Relay, loop: ClockLoop, key: PrivateKey, port: int) -> tu
         conn.data_received(seal_client_info(key, relay.server_public, ClientInfo()))
 
     loop.run_until_complete(go())
-    assert conn.registered
+    assert conn.session.registered
     return conn, transport
 
 
@@ -782,5 +782,5 @@ def test_deeply_nested_client_info_is_a_handshake_failure_not_an_exception(relay
         conn.data_received(F.build_client_info(CLIENT_PUBS[0], nonce, sealed.ciphertext))
 
     loop.run_until_complete(go())
-    assert transport.closing and not conn.registered
+    assert transport.closing and not conn.session.registered
     assert relay.stats.handshake_failures == 1

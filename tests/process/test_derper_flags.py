@@ -25,7 +25,7 @@ from relay_worker.keys import PrivateKey
 from stun.client import stun_request
 from tests.support import ClusterProcess, free_port
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "DERPER-FLAGS.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "DERPER-FLAGS.md"
 
 
 def settings_for(argv: list[str], env: dict[str, str] | None = None, *, derper_mode: bool = False):  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from tests.support import ClusterProcess, free_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FLOOR = ROOT / "bench" / "floor_relay.py"
 RELAY_FIELDS = {
     "mode", "url", "placement", "pairs", "size", "window", "seconds", "procs", "sent", "received", "drops",

@@ -1,6 +1,6 @@
 """The context choice on the ClientHello (cluster/tls_alpn.py, cluster/ip_certs.py), without a CA:
 the TLS-ALPN-01 certificate as RFC 8737 has it, and -acme-ip-certs' rule that a client gets a
-certificate only for the local address of its own connection. Against pebble: tests/test_acme.py."""
+certificate only for the local address of its own connection. Against pebble: tests/process/test_acme.py."""
 
 from __future__ import annotations
 

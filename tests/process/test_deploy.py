@@ -34,7 +34,7 @@ from tests.support import ClusterProcess, free_port, wait_until
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (the test extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 K8S_VERSION = "1.32.0"  # a version kubernetes-validate ships offline schemas for
