@@ -422,7 +422,7 @@ class WorkerMesh:
             derper = foreign.get(dst)
             if derper is None or dst in active:
                 yield dst, src, packet
-            elif derper.forward(src=src, dst=dst, packet=bytes(packet)):
+            elif derper.forward(src=src, dst=dst, packet=packet):
                 self.derper_relayed += 1
 
     def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None:

@@ -28,7 +28,7 @@ def derp_clients(ns: NetNS, bins: Path, url_a: str, url_b: str, ca_file: Path, *
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"derpclients printed no summary (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     summary: dict[str, Any] = json.loads(lines[-1])
-    assert proc.returncode == 0 and summary["ok"], summary
+    assert proc.returncode == 0 and summary["ok"], json.dumps(summary)
     return summary
 
 
