@@ -55,6 +55,8 @@ class DerpMeshPeer:
         self.connects = 0
         self.ever_watched = False  # connected and watching at least once
         self.last_error = ""
+        #: ForwardPacket frames of this loop iteration, written together
+        self._pending: list[bytes] = []
 
     @property
     def running(self) -> bool:
@@ -89,9 +91,23 @@ class DerpMeshPeer:
         if writer is not None and writer.transport.get_write_buffer_size() > MAX_BUFFERED:
             self.dropped += 1
             return True  # the owner is known; the packet is dropped and counted, not bounced
-        client.io.write(F.build_forward_packet(src, dst, packet))
+        # One write per loop iteration, not per packet: the holder forwards for the whole node,
+        # and a write (a TLS record, a syscall) per packet made it fall behind in bursts that
+        # overflowed derper's 32-packet queue per client
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(F.build_forward_packet(src, dst, packet))
         self.forwarded += 1
         return True
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        client = self.client
+        if client is None or not self.connected:
+            self.forwarded -= len(frames)
+            self.dropped += len(frames)  # the connection ended within this loop iteration
+            return
+        client.io.write(b"".join(frames))
 
     async def _run(self) -> None:
         backoff = RETRY_FIRST

@@ -68,6 +68,18 @@ def derper_varz(ns: NetNS, derper: StockDerper, ca_file: Path) -> dict[str, floa
     return values
 
 
+def counters(ns: NetNS, derper: StockDerper, ca_file: Path, ours: OurNode) -> str:
+    """Where packets went missing, for a failure message: derper's drop series, our drops."""
+    assert ours.cluster is not None
+    text = ns.run(["curl", "-sf", "--cacert", str(ca_file), f"https://{derper.hostname}:{derper.port}/debug/varz"],
+                  timeout=30).stdout
+    theirs = [line for line in text.splitlines() if "dropped{" in line and not line.endswith(" 0")]
+    mine = [{"drops": {k: v for k, v in doc["worker"]["drops"].items() if v}, "holder": doc["mesh"]["derper_holder"],
+             "relayed": doc["mesh"]["derper_relayed"], "mesh_dropped_full": doc["mesh"]["packets_dropped_full"],
+             "derpers": doc["mesh"]["derpers"]} for doc in ours.cluster.all_varz()]
+    return f"derper drops {theirs}; ours {mine}"
+
+
 def holders(node: OurNode) -> list[int]:
     """Our workers that hold a connection to the stock derper."""
     assert node.cluster is not None
@@ -104,7 +116,10 @@ def test_stock_derper_sees_one_connection_from_a_four_worker_node(ns: NetNS, bin
     try:
         wait_until(lambda: one_connection_from_us(ns, derper, ca_file, ours), timeout=30,
                    what="derper to hold exactly one connection of our node's key")
-        summary = derp_clients(ns, bins, ours.url, derper.url, ca_file)
+        try:
+            summary = derp_clients(ns, bins, ours.url, derper.url, ca_file)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{counters(ns, derper, ca_file, ours)}") from None
         assert summary["received"] == 2 * 8 * 100
         assert one_connection_from_us(ns, derper, ca_file, ours)
 
@@ -130,6 +145,9 @@ def test_stock_derper_sees_one_connection_from_a_four_worker_node(ns: NetNS, bin
               f"{gap:.2f}s over {len(survivors)} surviving senders")
         wait_until(lambda: one_connection_from_us(ns, derper, ca_file, ours), timeout=30,
                    what="one connection again after the holder's restart")
-        derp_clients(ns, bins, ours.url, derper.url, ca_file)
+        try:
+            derp_clients(ns, bins, ours.url, derper.url, ca_file)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{counters(ns, derper, ca_file, ours)}") from None
     finally:
         ours.stop()
