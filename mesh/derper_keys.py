@@ -60,10 +60,15 @@ class Replica:
         self.watched = False
         return gone
 
-    def apply(self, seq: int, *, present: Iterable[bytes], gone: Iterable[bytes], full: bool
-              ) -> tuple[set[bytes], set[bytes]] | None:
+    def apply(self, seq: int, *, present: Iterable[bytes], gone: Iterable[bytes], full: bool,
+              watched: bool | None = None) -> tuple[set[bytes], set[bytes]] | None:
         """A delta (or, with full, the whole list) numbered seq. Returns (added, removed), or None
-        when a delta is missing before it (then ask for the whole list)."""
+        when a delta is missing before it (then ask for the whole list). `watched` as in the
+        heartbeat, when the delta says it (the holder's first watch is sent at once, so the node's
+        workers join without waiting for its next heartbeat)."""
+        if watched is not None and (full or seq == self.seq + 1):
+            self.watched = watched
+            self.advertised = max(self.advertised, seq)
         if full:
             new = set(present)
             added, removed = new - self.keys, self.keys - new

@@ -174,6 +174,7 @@ class WorkerMesh:
         self._derper_present: set[bytes] = set()
         self._derper_gone: set[bytes] = set()
         self._derper_flush_scheduled = False
+        self._derper_watch_news = False  # a derper connection was watched: tell the node at once
         self.derper_relayed = 0  # packets other workers sent us for derper keys, sent on as ForwardPacket
         self._outgoing: list[Record] = []
         self._flush_scheduled = False
@@ -284,7 +285,7 @@ class WorkerMesh:
 
     def mesh_with_derper(self, url: str, mesh_key: str) -> None:
         peer = DerpMeshPeer(url, mesh_key, self.relay.server_key, on_present=self._derper_key_present,
-                            on_gone=self._derper_key_gone, on_watching=lambda _: self._check_joined())
+                            on_gone=self._derper_key_gone, on_watching=self._derper_watching)
         self.derp_peers.append(peer)
 
     @property
@@ -339,6 +340,17 @@ class WorkerMesh:
                 self._derper_change(key, present=False)
                 self._derper_key_left(key)
 
+    def _derper_watching(self, peer: DerpMeshPeer) -> None:
+        self._check_joined()
+        # tell the node's workers now, not at the next heartbeat: their join gate waits for it
+        self._derper_watch_news = True
+        self._schedule_derper_flush()
+
+    def _schedule_derper_flush(self) -> None:
+        if not self._derper_flush_scheduled:
+            self._derper_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_derper_changes)
+
     def _derper_change(self, key: bytes, *, present: bool) -> None:
         """Queue one change of the holder's derper keys for the node's other workers."""
         if present:
@@ -347,9 +359,7 @@ class WorkerMesh:
         else:
             self._derper_present.discard(key)
             self._derper_gone.add(key)
-        if not self._derper_flush_scheduled:
-            self._derper_flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_derper_changes)
+        self._schedule_derper_flush()
 
     def _local_links(self) -> list[Owner]:
         node = self.owner.node
@@ -359,11 +369,13 @@ class WorkerMesh:
         self._derper_flush_scheduled = False
         present, gone = self._derper_present, self._derper_gone
         self._derper_present, self._derper_gone = set(), set()
-        if not present and not gone:
+        news, self._derper_watch_news = self._derper_watch_news, False
+        if not present and not gone and not news:
             return
         self._derper_seq += 1  # numbered when sent: a heartbeat never counts a delta not yet sent
         message = wire.build_control(wire.DERPER_KEYS, self._envelope(
-            seq=self._derper_seq, present=sorted(present), gone=sorted(gone), full=False))
+            seq=self._derper_seq, present=sorted(present), gone=sorted(gone), full=False,
+            watched=self._derpers_watched()))
         for link in self._local_links():
             self.transport.send_control(link, message)
 
@@ -372,7 +384,7 @@ class WorkerMesh:
         if self._derper_flush_scheduled:
             self._flush_derper_changes()
         self.transport.send_control(peer, wire.build_control(wire.DERPER_KEYS, self._envelope(
-            seq=self._derper_seq, present=sorted(self.foreign), gone=[], full=True)))
+            seq=self._derper_seq, present=sorted(self.foreign), gone=[], full=True, watched=self._derpers_watched())))
 
     def _follow_derper_holder(self, sender: Owner, incarnation: int) -> bool:
         """True when sender is the holder we follow; a new incarnation of it starts a new list."""
@@ -388,8 +400,10 @@ class WorkerMesh:
             return
         present = [k for k in wire.field(body, "present", list) if isinstance(k, bytes) and len(k) == 32]
         gone = [k for k in wire.field(body, "gone", list) if isinstance(k, bytes) and len(k) == 32]
+        watched = body.get("watched")
         applied = self.derper_replica.apply(wire.field(body, "seq", int), present=present, gone=gone,
-                                            full=bool(body.get("full")))
+                                            full=bool(body.get("full")),
+                                            watched=watched if isinstance(watched, bool) else None)
         if applied is None:
             self.transport.send_control(sender, wire.build_control(wire.DERPER_SYNC, self._envelope()))
             return
@@ -411,8 +425,11 @@ class WorkerMesh:
         if not self.derp_peers:
             return True
         if self.derper_holder:
-            return all(p.ever_watched for p in self.derp_peers)
+            return self._derpers_watched()
         return self.derper_replica.synced
+
+    def _derpers_watched(self) -> bool:
+        return all(p.ever_watched for p in self.derp_peers)
 
     def _divert_to_derpers(self, records: Iterable[tuple[bytes, bytes, memoryview]]
                            ) -> Iterator[tuple[bytes, bytes, memoryview]]:
@@ -745,7 +762,7 @@ class WorkerMesh:
         dead = self.membership.dead_rows()
         extra: dict[str, Any] = {"derp": self.derp_node} if self.derp_node else {}
         if self.derper_holder:
-            extra["derper_keys"] = [self._derper_seq, all(p.ever_watched for p in self.derp_peers)]
+            extra["derper_keys"] = [self._derper_seq, self._derpers_watched()]
         return wire.build_control(wire.HEARTBEAT, self._envelope(
             digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
             members=members, dead=dead, **extra))

@@ -72,3 +72,10 @@ def test_following_a_new_holder_forgets_the_old_keys() -> None:
     replica.apply(1, present=[K1, K2], gone=[], full=False)
     assert replica.reset(Owner("n", 0), 8) == {K1, K2}
     assert replica.keys == set() and replica.seq == 0 and replica.incarnation == 8
+
+
+def test_a_delta_saying_watched_syncs_without_waiting_for_a_heartbeat() -> None:
+    replica = Replica()
+    replica.reset(Owner("n", 0), 7)
+    replica.apply(1, present=[], gone=[], full=False, watched=True)
+    assert replica.synced
