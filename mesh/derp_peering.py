@@ -1,10 +1,11 @@
 """Tailscale's own DERP mesh, client side: what derper's `-mesh-with` does, so one of our nodes can
 sit in a region beside stock derpers.
 
-For each configured derper URL a worker keeps one DERP connection authenticated with the region's
-mesh key, subscribes with WatchConns, and tracks which keys that derper holds (PeerPresent /
-PeerGone). Packets for those keys leave with ForwardPacket on that connection. The connection is
-re-established with backoff; while it is down, the derper's keys are considered gone.
+For each configured derper URL the node keeps one DERP connection (one worker holds them all:
+mesh.derper_keys), authenticated with the region's mesh key; it subscribes with WatchConns and
+tracks which keys that derper holds (PeerPresent / PeerGone). Packets for those keys leave with
+ForwardPacket on that connection. The connection is re-established with backoff; while it is
+down, the derper's keys are considered gone.
 """
 
 from __future__ import annotations
@@ -54,9 +55,25 @@ class DerpMeshPeer:
         self.connects = 0
         self.ever_watched = False  # connected and watching at least once
         self.last_error = ""
+        #: ForwardPacket frames of this loop iteration, written together
+        self._pending: list[bytes] = []
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        if not self.running:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        """Give the connection up (another worker of the node holds it now); its keys go at once."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.client = None  # the cancelled task closes it
+        self.connected = False
+        self._forget_all()
 
     async def close(self) -> None:
         if self.task is not None:
@@ -74,27 +91,43 @@ class DerpMeshPeer:
         if writer is not None and writer.transport.get_write_buffer_size() > MAX_BUFFERED:
             self.dropped += 1
             return True  # the owner is known; the packet is dropped and counted, not bounced
-        client.io.write(F.build_forward_packet(src, dst, packet))
+        # One write per loop iteration, not per packet: the holder forwards for the whole node,
+        # and a write (a TLS record, a syscall) per packet made it fall behind in bursts that
+        # overflowed derper's 32-packet queue per client
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(F.build_forward_packet(src, dst, packet))
         self.forwarded += 1
         return True
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        client = self.client
+        if client is None or not self.connected:
+            self.forwarded -= len(frames)
+            self.dropped += len(frames)  # the connection ended within this loop iteration
+            return
+        client.io.write(b"".join(frames))
 
     async def _run(self) -> None:
         backoff = RETRY_FIRST
         while True:
+            client: DerpClient | None = None
             try:
                 dial_url, tls_name = _dial_target(self.url)
                 # derper's own mesh client never calls SetCanAckPings: CanAckPings false
-                self.client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
-                                                       server_hostname=tls_name, can_ack_pings=False, timeout=10)
+                client = await DerpClient.connect(dial_url, self.private_key, mesh_key=self.mesh_key,
+                                                  server_hostname=tls_name, can_ack_pings=False, timeout=10)
+                self.client = client
                 self.connects += 1
-                await self.client.watch_conns()
+                await client.watch_conns()
                 self.connected = True
                 backoff = RETRY_FIRST
                 log.info("meshed with derper %s", self.url)
                 self.ever_watched = True
                 if self.on_watching is not None:
                     self.on_watching(self)
-                await self._receive(self.client)
+                await self._receive(client)
             except (DerpClientError, OSError, TimeoutError, F.ProtocolError) as exc:
                 self.last_error = str(exc)
                 log.warning("mesh with %s: %s; retrying in %.1fs", self.url, exc, backoff)
@@ -102,11 +135,13 @@ class DerpMeshPeer:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("mesh with %s failed unexpectedly; retrying in %.1fs", self.url, backoff)
             finally:
-                self.connected = False
-                self._forget_all()
-                if self.client is not None:
-                    await self.client.close()
+                # after stop() a new task may already own self.client: clean up only our own
+                if client is not None and self.client is client:
                     self.client = None
+                    self.connected = False
+                    self._forget_all()
+                if client is not None:
+                    await client.close()
             await asyncio.sleep(backoff)
             # before the first connection the derper is most likely starting beside us: keep trying
             # at the first interval, so the worker's join (and its held handshakes) waits no longer

@@ -20,6 +20,10 @@ REPAIR = 0x04
 NODE_GOSSIP = 0x05
 #: "I merged your DIR_DELTA carrying ack=N": lets a worker hold ServerInfo until its node can route
 DIR_ACK = 0x06
+#: the keys the node's derper-connection holder learned from stock derpers (mesh.derper_keys)
+DERPER_KEYS = 0x07
+#: "send me your whole derper key list" (a DERPER_KEYS delta went missing)
+DERPER_SYNC = 0x08
 
 KEY_LEN = 32
 MAX_PACKET = 64 << 10

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ from relay_worker.relay import Forwarder
 
 from . import wire
 from .derp_peering import DerpMeshPeer
+from .derper_keys import Replica, holder
 from .directory import Change, Directory, DirectoryDecodeError, Owner, Record, decode_entries, encode_entries
 from .join_gate import JoinGate
 from .liveness import PULSE, LoopMonitor, Pulser
@@ -163,8 +164,18 @@ class WorkerMesh:
         self.tcp_endpoint = advertise_tcp
         self.heartbeat = heartbeat
         self.reincarnations = 0
-        #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper
+        #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper:
+        #: filled only on the worker that holds the node's derper connections (mesh.derper_keys)
         self.foreign: dict[bytes, DerpMeshPeer] = {}
+        #: on the other workers, the holder's list of those keys
+        self.derper_replica = Replica()
+        #: the holder's numbered changes of `foreign`, gathered per loop iteration
+        self._derper_seq = 0
+        self._derper_present: set[bytes] = set()
+        self._derper_gone: set[bytes] = set()
+        self._derper_flush_scheduled = False
+        self._derper_watch_news = False  # a derper connection was watched: tell the node at once
+        self.derper_relayed = 0  # packets other workers sent us for derper keys, sent on as ForwardPacket
         self._outgoing: list[Record] = []
         self._flush_scheduled = False
         #: connections whose keys are in _outgoing, waiting for the local workers' acknowledgements
@@ -233,8 +244,7 @@ class WorkerMesh:
         self._task = loop.create_task(self._heartbeat_loop())
         self.loop_monitor.beat(time.monotonic())
         self.pulser.start()
-        for peer in self.derp_peers:
-            peer.start()
+        self._sync_derper_holder(time.monotonic())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -250,7 +260,12 @@ class WorkerMesh:
         owner = self.directory.resolved.get(dst)
         if owner is None or owner == self.owner:
             derper = self.foreign.get(dst)
-            return derper is not None and derper.forward(src=src, dst=dst, packet=packet)
+            if derper is not None:
+                return derper.forward(src=src, dst=dst, packet=packet)
+            replica = self.derper_replica
+            if dst not in replica.keys or replica.source is None:
+                return False
+            owner = replica.source  # a derper's key: the node's holder sends it on as ForwardPacket
         if not self.transport.queue_packet(owner, wire.packet_head(dst, src, len(packet)), packet):
             self.unroutable += 1
             return False
@@ -270,12 +285,49 @@ class WorkerMesh:
 
     def mesh_with_derper(self, url: str, mesh_key: str) -> None:
         peer = DerpMeshPeer(url, mesh_key, self.relay.server_key, on_present=self._derper_key_present,
-                            on_gone=self._derper_key_gone, on_watching=lambda _: self._check_joined())
+                            on_gone=self._derper_key_gone, on_watching=self._derper_watching)
         self.derp_peers.append(peer)
+
+    @property
+    def derper_holder(self) -> bool:
+        """This worker holds the node's connections to the stock derpers (mesh.derper_keys)."""
+        return any(peer.running for peer in self.derp_peers)
+
+    def _sync_derper_holder(self, now: float) -> None:
+        """Hold the derper connections if we are the node's holder, give them up if not, and follow
+        the holder's key list otherwise."""
+        if not self.derp_peers:
+            return
+        chosen = holder(self.owner, self.peers, now, self.membership.dead_after)
+        if chosen == self.owner:
+            if not self.derper_holder:
+                log.info("mesh: holding this node's connections to %d stock derper(s)", len(self.derp_peers))
+                self._forget_replica(None)
+                for peer in self.derp_peers:
+                    peer.start()
+            return
+        if self.derper_holder:
+            log.info("mesh: %s/%d holds the derper connections now; giving ours up", chosen.node, chosen.worker)
+            for peer in self.derp_peers:
+                peer.stop()
+        if self.derper_replica.source != chosen:
+            self._forget_replica(chosen)
+
+    def _forget_replica(self, source: Owner | None, incarnation: int = 0) -> None:
+        for key in self.derper_replica.reset(source, incarnation):
+            self._derper_key_left(key)
+
+    def _derper_key_left(self, key: bytes) -> None:
+        """No derper we know of holds key any more: PeerGone to our clients that heard from it,
+        unless it is reachable in our own cluster."""
+        if key not in self.directory.resolved and key not in self.relay.active:
+            self.relay.key_gone(key, tell_watchers=False)
 
     def _derper_key_present(self, key: bytes, peer: DerpMeshPeer) -> None:
         if key == self.relay.server_public:
             return  # our own mesh connection, as the derper lists it
+        if key not in self.foreign:
+            self._derper_change(key, present=True)
         self.foreign[key] = peer
 
     def _derper_key_gone(self, key: bytes, peer: DerpMeshPeer) -> None:
@@ -284,8 +336,111 @@ class WorkerMesh:
             other = next((p for p in self.derp_peers if p is not peer and key in p.keys), None)
             if other is not None:
                 self.foreign[key] = other
-            elif key not in self.directory.resolved and key not in self.relay.active:
-                self.relay.key_gone(key, tell_watchers=False)
+            else:
+                self._derper_change(key, present=False)
+                self._derper_key_left(key)
+
+    def _derper_watching(self, peer: DerpMeshPeer) -> None:
+        self._check_joined()
+        # tell the node's workers now, not at the next heartbeat: their join gate waits for it
+        self._derper_watch_news = True
+        self._schedule_derper_flush()
+
+    def _schedule_derper_flush(self) -> None:
+        if not self._derper_flush_scheduled:
+            self._derper_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_derper_changes)
+
+    def _derper_change(self, key: bytes, *, present: bool) -> None:
+        """Queue one change of the holder's derper keys for the node's other workers."""
+        if present:
+            self._derper_gone.discard(key)
+            self._derper_present.add(key)
+        else:
+            self._derper_present.discard(key)
+            self._derper_gone.add(key)
+        self._schedule_derper_flush()
+
+    def _local_links(self) -> list[Owner]:
+        node = self.owner.node
+        return [o for o in self.peers if o.node == node]
+
+    def _flush_derper_changes(self) -> None:
+        self._derper_flush_scheduled = False
+        present, gone = self._derper_present, self._derper_gone
+        self._derper_present, self._derper_gone = set(), set()
+        news, self._derper_watch_news = self._derper_watch_news, False
+        if not present and not gone and not news:
+            return
+        self._derper_seq += 1  # numbered when sent: a heartbeat never counts a delta not yet sent
+        message = wire.build_control(wire.DERPER_KEYS, self._envelope(
+            seq=self._derper_seq, present=sorted(present), gone=sorted(gone), full=False,
+            watched=self._derpers_watched()))
+        for link in self._local_links():
+            self.transport.send_control(link, message)
+
+    def _send_derper_keys(self, peer: Owner) -> None:
+        """The whole list, to a worker that missed a delta (or follows a new holder)."""
+        if self._derper_flush_scheduled:
+            self._flush_derper_changes()
+        self.transport.send_control(peer, wire.build_control(wire.DERPER_KEYS, self._envelope(
+            seq=self._derper_seq, present=sorted(self.foreign), gone=[], full=True, watched=self._derpers_watched())))
+
+    def _follow_derper_holder(self, sender: Owner, incarnation: int) -> bool:
+        """True when sender is the holder we follow; a new incarnation of it starts a new list."""
+        replica = self.derper_replica
+        if sender != replica.source or self.derper_holder:
+            return False
+        if incarnation != replica.incarnation:
+            self._forget_replica(sender, incarnation)
+        return True
+
+    def _on_derper_keys(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        if not self._follow_derper_holder(sender, incarnation):
+            return
+        present = [k for k in wire.field(body, "present", list) if isinstance(k, bytes) and len(k) == 32]
+        gone = [k for k in wire.field(body, "gone", list) if isinstance(k, bytes) and len(k) == 32]
+        watched = body.get("watched")
+        applied = self.derper_replica.apply(wire.field(body, "seq", int), present=present, gone=gone,
+                                            full=bool(body.get("full")),
+                                            watched=watched if isinstance(watched, bool) else None)
+        if applied is None:
+            self.transport.send_control(sender, wire.build_control(wire.DERPER_SYNC, self._envelope()))
+            return
+        for key in applied[1]:
+            self._derper_key_left(key)
+        self._check_joined()
+
+    def _on_holder_heartbeat(self, sender: Owner, incarnation: int, body: dict[str, Any]) -> None:
+        said = body.get("derper_keys")
+        if not isinstance(said, list) or len(said) != 2 or not self._follow_derper_holder(sender, incarnation):
+            return
+        seq, watched = said
+        if isinstance(seq, int) and self.derper_replica.heartbeat(seq, bool(watched)):
+            self.transport.send_control(sender, wire.build_control(wire.DERPER_SYNC, self._envelope()))
+        self._check_joined()
+
+    def _derpers_joined(self) -> bool:
+        """The join gate's derper condition: watched once (holder), or the holder's list in hand."""
+        if not self.derp_peers:
+            return True
+        if self.derper_holder:
+            return self._derpers_watched()
+        return self.derper_replica.synced
+
+    def _derpers_watched(self) -> bool:
+        return all(p.ever_watched for p in self.derp_peers)
+
+    def _divert_to_derpers(self, records: Iterable[tuple[bytes, bytes, memoryview]]
+                           ) -> Iterator[tuple[bytes, bytes, memoryview]]:
+        """On the holder: packets the node's other workers sent for derper keys go on to the derper."""
+        foreign, active = self.foreign, self.relay.active
+        for dst, src, packet in records:
+            derper = foreign.get(dst)
+            if derper is None or dst in active:
+                yield dst, src, packet
+            elif derper.forward(src=src, dst=dst, packet=packet):
+                self.derper_relayed += 1
 
     def local_active_changed(self, key: bytes, epoch: int, preferred: bool, present: bool) -> None:
         current = self.published.get(key)
@@ -352,7 +507,7 @@ class WorkerMesh:
         node = self.owner.node
         seeds_heard = not self.membership.seeds or any(p.alive for o, p in self.peers.items() if o.node != node)
         waiting = gate.check(time.monotonic(), members=self.peers, seeds_heard=seeds_heard,
-                             derpers_watched=all(p.ever_watched for p in self.derp_peers))
+                             derpers_watched=self._derpers_joined())
         if not gate.joined:
             return
         if gate.timed_out:
@@ -429,9 +584,10 @@ class WorkerMesh:
         me = self.owner
         for change in changes:
             relay.reroute(change.key)
-            if change.new_owner is None and change.key not in self.foreign:
+            derper_key = change.key in self.foreign or change.key in self.derper_replica.keys
+            if change.new_owner is None and not derper_key:
                 relay.remote_key_gone(change.key)
-            elif change.old_owner is None and change.new_owner != me and change.key not in self.foreign:
+            elif change.old_owner is None and change.new_owner != me and not derper_key:
                 relay.remote_key_present(change.key)
         corrections = self.directory.take_corrections()
         if corrections:
@@ -479,7 +635,10 @@ class WorkerMesh:
         kind = message[0]
         if kind == wire.PACKETS:
             try:
-                self.packets_in += self.relay.deliver_forwarded_batch(wire.iter_packets(message))
+                records: Iterable[tuple[bytes, bytes, memoryview]] = wire.iter_packets(message)
+                if self.foreign:
+                    records = self._divert_to_derpers(records)
+                self.packets_in += self.relay.deliver_forwarded_batch(records)
             except wire.WireError as exc:
                 self.bad_messages += 1
                 log.warning("dropping malformed packet batch: %s", exc)
@@ -493,6 +652,7 @@ class WorkerMesh:
             incarnation = wire.field(body, "inc", int)
             if kind == wire.HEARTBEAT:
                 self._on_heartbeat(sender, incarnation, body)
+                self._on_holder_heartbeat(sender, incarnation, body)
                 if not self.join_gate.joined:
                     self._note_join_heartbeat(sender, body)
             elif kind == wire.DIR_DELTA:
@@ -508,6 +668,11 @@ class WorkerMesh:
                     self.transport.send_control(sender, wire.build_control(wire.DIR_ACK, self._envelope(ack=ack)))
             elif kind == wire.DIR_ACK:
                 self._on_ack(sender, wire.field(body, "ack", int))
+            elif kind == wire.DERPER_KEYS:
+                self._on_derper_keys(sender, incarnation, body)
+            elif kind == wire.DERPER_SYNC:
+                if self.derper_holder and sender.node == self.owner.node:
+                    self._send_derper_keys(sender)
             elif kind == wire.REPAIR:
                 self.membership.heard(sender, incarnation, time.monotonic())
                 self._carry_out()
@@ -595,7 +760,9 @@ class WorkerMesh:
     def heartbeat_message(self) -> bytes:
         members = self.membership.member_rows(self.ipc_endpoint, self.tcp_endpoint, self.region)
         dead = self.membership.dead_rows()
-        extra = {"derp": self.derp_node} if self.derp_node else {}
+        extra: dict[str, Any] = {"derp": self.derp_node} if self.derp_node else {}
+        if self.derper_holder:
+            extra["derper_keys"] = [self._derper_seq, self._derpers_watched()]
         return wire.build_control(wire.HEARTBEAT, self._envelope(
             digest=self.directory.digest(), ipc=self.ipc_endpoint, tcp=self.tcp_endpoint, region=self.region,
             members=members, dead=dead, **extra))
@@ -607,6 +774,7 @@ class WorkerMesh:
             log.warning("mesh: this worker's loop ran %.1fs late", lag)
         self.membership.tick(now, self.directory)
         self._carry_out()
+        self._sync_derper_holder(now)
         self._check_joined()
         self._sync_pulse_targets()
         self._renew_and_collect()
@@ -648,6 +816,10 @@ class WorkerMesh:
                 "gossip_held_keys": self.publish_gate.held,
                 "busy_peers": sum(1 for p in self.peers.values() if p.alive and p.busy),
                 "derpers": [peer.stats() for peer in self.derp_peers],
+                "derper_holder": self.derper_holder,
+                "derper_keys": len(self.foreign) if self.derper_holder else len(self.derper_replica.keys),
+                "derper_keys_from": (f"{src.node}/{src.worker}" if (src := self.derper_replica.source) else None),
+                "derper_relayed": self.derper_relayed,
                 "incarnation": self.incarnation,
                 "joined": self.join_gate.joined,
                 "join_timed_out": self.join_gate.timed_out,

@@ -11,7 +11,7 @@ import trustme
 
 from tests.interop.conftest import tls_files
 from tests.interop.harness import NamespacedCluster, NetNS, Proc
-from tests.support import free_port, free_port_range
+from tests.support import free_port, free_port_range, wait_until
 
 
 def mesh_key_file(where: Path) -> Path:
@@ -115,6 +115,10 @@ class StockDerper:
             argv += ["-mesh-with", ",".join(self.mesh_with)]
         self.proc = self.ns.start(argv, env={"SSL_CERT_FILE": str(ca_file)}, name=f"derper-{self.hostname}")
         self.proc.wait_line(r"derper: serving on|listening on|serving on", timeout=30)
+        # derper logs "serving on" just before it listens: a client started at once can be refused
+        probe = ["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{self.port}"]
+        wait_until(lambda: self.ns.run(probe, check=False).returncode == 0, timeout=30,
+                   what=f"derper {self.hostname} to listen")
         return self
 
     def stop(self) -> None:
