@@ -18,6 +18,8 @@ import ipaddress
 import json
 from typing import Any, TypeVar
 
+from relay_worker.handshake import is_hex32
+
 from .config import Config, ConfigError, parse_hostport
 
 _T = TypeVar("_T")
@@ -118,7 +120,7 @@ def _node_from_table(region_id: int, index: int, table: Any) -> dict[str, Any]:
         cert_name = _want(f"{where}.cert_name", table["cert_name"], str, "a string")
         if cert_name.startswith("sha256-raw:"):
             digest = cert_name.removeprefix("sha256-raw:")
-            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            if not is_hex32(digest):
                 raise ConfigError(f"{where}.cert_name: sha256-raw: needs 64 hex digits of the cert's SHA-256")
         node["CertName"] = cert_name
     if "ipv4" in table:

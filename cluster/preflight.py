@@ -13,6 +13,8 @@ import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from relay_worker.handshake import is_hex32
+
 from .config import SETTINGS_BY_KEY, Config, ConfigError
 
 _MESH_KEY_SETTING = "server.mesh_key_file (--mesh-key-file / -mesh-psk-file)"
@@ -26,7 +28,7 @@ def read_mesh_key(path: str) -> str:
         key = Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{_MESH_KEY_SETTING}: cannot read {path}: {exc.strerror}") from exc
-    if len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key):
+    if not is_hex32(key):
         raise ConfigError(f"{_MESH_KEY_SETTING}: {path} must hold 64 hex characters (derper's mesh key format)")
     return key.lower()
 

@@ -63,7 +63,7 @@ class ClientInfo:
         mesh_key = ""
         if "meshkey" in folded:
             value = folded["meshkey"]
-            if not (isinstance(value, str) and len(value) == 64 and all(c in _HEX for c in value)):
+            if not (isinstance(value, str) and is_hex32(value)):
                 raise ProtocolError("ClientInfo meshKey is not 64 hex digits")
             mesh_key = value.lower()
         flags = []
@@ -170,6 +170,11 @@ def open_server_info(client: PrivateKey, server_public: bytes, payload: bytes) -
     except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
         raise ProtocolError("ServerInfo box does not open with the server's key") from exc
     return ServerInfo.from_json(plain)
+
+
+def is_hex32(text: str) -> bool:
+    """64 hex characters: a mesh key or a SHA-256 as derper writes them."""
+    return len(text) == 64 and all(c in _HEX for c in text)
 
 
 def mesh_key_matches(presented: str, expected: str) -> bool:

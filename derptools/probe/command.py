@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from relay_worker.handshake import is_hex32
+
 from .model import DEFAULT_STUN_PORT, DEFAULT_TIMEOUT, ProbeOptions, ProbeUsageError, Target
 from .output import render_table, report_json
 from .run import probe_all
@@ -44,7 +46,7 @@ def read_mesh_key_file(path: str) -> str:
         text = Path(path).read_text().strip()
     except OSError as exc:
         raise ProbeUsageError(f"--mesh-psk-file: cannot read {path}: {exc.strerror}") from exc
-    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+    if not is_hex32(text):
         raise ProbeUsageError(f"--mesh-psk-file: {path} must hold 64 hex characters (derper's mesh key)")
     return text.lower()
 
@@ -56,7 +58,7 @@ def _mesh_key_from_args(args: argparse.Namespace) -> str:
         return read_mesh_key_file(args.mesh_psk_file)
     env = os.environ.get("TAILSCALE_DERPER_MESH_KEY", "").strip()
     if env:
-        if len(env) != 64 or any(c not in "0123456789abcdefABCDEF" for c in env):
+        if not is_hex32(env):
             raise ProbeUsageError("TAILSCALE_DERPER_MESH_KEY: want 64 hex characters")
         return env.lower()
     if not args.urls and not args.derpmap:
