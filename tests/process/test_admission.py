@@ -825,6 +825,26 @@ async def _count(receiver: DerpClient, counter: list[int]) -> None:
         counter[0] += len(packet.data)
 
 
+async def held_rate(a: DerpClient, b: DerpClient, c: DerpClient, d: DerpClient) -> float:
+    """Bytes/s that reach b while a floods it, measured past the burst; meanwhile c and d must
+    relay at once (each round trip within 1 s)."""
+    stop = asyncio.Event()
+    received = [0]
+    tasks = [asyncio.create_task(_flood(a, b.public_key, 16384, stop)), asyncio.create_task(_count(b, received))]
+    try:
+        await asyncio.sleep(0.5)  # measurement window, not synchronisation: past the burst
+        start_bytes, started = received[0], time.monotonic()
+        for i in range(30):
+            await round_trip(c, d, b"small %d" % i, timeout=1.0)
+        await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
+        return (received[0] - start_bytes) / (time.monotonic() - started)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected() -> None:
     relay = new_relay(token_bucket_rate=RATE, token_bucket_burst=BURST)
     async with running_relay(relay) as worker, clients(*(DerpClient.connect(worker.url) for _ in range(4))) as (
@@ -832,22 +852,7 @@ async def test_read_limit_holds_a_client_to_its_rate_and_others_are_unaffected()
         # derper never advertises a token bucket (D1): the limit is server-side read pacing only
         assert a.server_info is not None and a.server_info.token_bucket_bytes_per_second == 0
         assert a.server_info.token_bucket_bytes_burst == 0
-        stop = asyncio.Event()
-        received = [0]
-        tasks = [asyncio.create_task(_flood(a, b.public_key, 16384, stop)), asyncio.create_task(_count(b, received))]
-        try:
-            await asyncio.sleep(0.5)  # measurement window, not synchronisation: past the burst
-            start_bytes, started = received[0], time.monotonic()
-            # while a is held back, c and d relay at once
-            for i in range(30):
-                await round_trip(c, d, b"small %d" % i, timeout=1.0)
-            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
-            rate = (received[0] - start_bytes) / (time.monotonic() - started)
-        finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        rate = await held_rate(a, b, c, d)
         assert 0.7 * RATE <= rate <= 1.3 * RATE, f"relayed {rate:.0f} B/s for a {RATE} B/s client"
         assert read_limit_stats()["pauses"] > 0
 

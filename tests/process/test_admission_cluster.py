@@ -32,12 +32,11 @@ from relay_worker.keys import PrivateKey
 from tests.process.test_admission import (
     FakeLocalAPI,
     FakeVerifyURL,
-    _count,
-    _flood,
     _http_get,
     connect_burst,
     connect_expect_refused,
     handshake_with_early_packet,
+    held_rate,
     round_trip,
 )
 from tests.support import ClusterProcess, await_until, free_port
@@ -247,21 +246,9 @@ async def test_server_info_never_announces_the_token_bucket() -> None:
 async def test_client_over_its_rate_is_held_to_it_and_others_are_unaffected() -> None:
     async with cluster_up("--client-bytes-per-second", str(RATE), "--client-bytes-burst", str(BURST)) as cluster:
         a, b, c, d = [await DerpClient.connect(cluster.url) for _ in range(4)]
-        stop = asyncio.Event()
-        received = [0]
-        tasks = [asyncio.create_task(_flood(a, b.public_key, 16384, stop)), asyncio.create_task(_count(b, received))]
         try:
-            await asyncio.sleep(0.5)  # measurement window (past the burst), not synchronisation
-            start_bytes, started = received[0], time.monotonic()
-            for i in range(30):
-                await round_trip(c, d, b"small %d" % i, timeout=1.0)
-            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
-            rate = (received[0] - start_bytes) / (time.monotonic() - started)
+            rate = await held_rate(a, b, c, d)
         finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             for client in (a, b, c, d):
                 await client.close()
         assert 0.7 * RATE <= rate <= 1.3 * RATE, f"relayed {rate:.0f} B/s for a {RATE} B/s client"
