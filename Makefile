@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml relay_worker/_fastpath.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

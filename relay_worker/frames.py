@@ -7,6 +7,7 @@ frame as bytes; payload parsers take the payload and return plain values or rais
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -343,12 +344,15 @@ class FrameParser:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: Payload) -> list[tuple[int, memoryview]]:
+    def feed(self, data: Payload, route: Callable[[Payload, int], int] | None = None) -> list[tuple[int, memoryview]]:
         """Append `data` and return every frame now complete, in order.
 
         Payloads are zero-copy views into immutable bytes: valid as long as the caller holds them,
         never changed underneath. A frame cut by read boundaries is copied once more when its last
         byte arrives; the reads before that are only appended.
+
+        `route(data, pos)`, if given, may take a run of complete frames from `pos` itself (the
+        compiled relay loop, fastpath.py) and returns where it stopped; those frames are not returned.
         """
         if self._skip:
             if len(data) <= self._skip:
@@ -370,6 +374,10 @@ class FrameParser:
         limit = self._limit
         unpack = _HEADER.unpack_from
         while end - pos >= HEADER_LEN:
+            if route is not None:
+                pos = route(data, pos)
+                if end - pos < HEADER_LEN:
+                    break
             frame_type, length = unpack(data, pos)
             if length > limit:
                 fatal = self._fatal

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterable
 
 from . import frames as F
+from .fastpath import new_router
 from .frames import Payload
 from .handshake import ServerHandshake
 from .keys import PrivateKey
+from .ratelimit import MIN_READ_BURST
 from .seams import Admission, Client, Forwarder
 from .stats import WorkerStats, packet_kind
 
@@ -66,6 +68,8 @@ class Relay:
         self.stats = WorkerStats()
         #: hot-path routing table: the connection that receives packets for each key routed here
         self.clients: dict[bytes, Client] = {}
+        #: the compiled relay loop over `clients` (fastpath.py), or None for session.py's Python loop
+        self.router = new_router(self.clients, min_burst=MIN_READ_BURST)
         #: the local connection chosen for each key held here (routed unless an owner elsewhere wins)
         self.active: dict[bytes, Client] = {}
         #: keys with more than one connection here: every connection of that key, oldest first

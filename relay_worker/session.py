@@ -45,6 +45,7 @@ from .seams import Client, PeerAddress, Transport
 from .stats import packet_kind
 
 if TYPE_CHECKING:
+    from .fastpath import Router
     from .relay import Relay
     from .stats import WorkerStats
 
@@ -165,19 +166,29 @@ class ServerSession:
         """Handle what one read returned. Returns the bytes to charge against the client's read
         limit (derper charges each frame's length, no header, clamped to one full SendPacket), or
         None when the relay has no limit or the read held no complete frame."""
+        relay = self.relay
+        router = relay.router if self.state == ACTIVE else None
         try:
-            frames = self.parser.feed(data)
+            frames = self.parser.feed(data, None if router is None else router.route)
         except F.ProtocolError as exc:
+            if router is not None:
+                router.clear()  # as without the router: nothing of a read that ends in an error
             self._protocol_error(str(exc))
             return None
-        if self.state == ACTIVE:
+        charged = 0
+        if router is not None:
+            if self.has_dup and (frames or router.pending):
+                relay.note_activity(self, now)
+            # a read of packets to local clients only (the common case) never enters the Python loop
+            charged = self._handle_frames(frames, now, router) if frames else self._deliver_routed(router)
+        elif self.state == ACTIVE:
             if self.has_dup and frames:
-                self.relay.note_activity(self, now)
+                relay.note_activity(self, now)
             self._handle_frames(frames, now)
         else:
             self._handle_handshake_frames(frames, now)
-        if self.relay.token_bucket_rate and frames:
-            return sum(min(len(payload), MIN_READ_BURST) for _, payload in frames)
+        if relay.token_bucket_rate and (frames or charged):
+            return charged + sum(min(len(payload), MIN_READ_BURST) for _, payload in frames)
         return None
 
     def handshake_timer(self, now: float) -> None:
@@ -343,7 +354,9 @@ class ServerSession:
 
     # -- steady state -------------------------------------------------------------------------------
 
-    def _handle_frames(self, frames: list[tuple[int, memoryview]], now: float) -> None:
+    def _handle_frames(self, frames: list[tuple[int, memoryview]], now: float, router: Router | None = None) -> int:
+        """Relay a read's frames. With the compiled `router` (fastpath.py), the packets it already
+        filed are delivered here too, and what they charge the read limit is returned."""
         relay = self.relay
         clients = relay.clients
         sent_to = relay.sent_to
@@ -356,13 +369,16 @@ class ServerSession:
         # built once per run of equal sizes, not once per packet (bench/profile_hot_path.py)
         prefix_size = -1
         prefix = b""
+        charged = 0
         try:
             for frame_type, payload in frames:
                 if frame_type == F.SEND_PACKET:
                     size = len(payload)
                     if size < 32 or size > 32 + F.MAX_PACKET_SIZE:
                         self._protocol_error(f"SendPacket payload of {size} bytes")
-                        return
+                        if router is not None:
+                            router.discard_from(payload)
+                        break
                     received += 1
                     received_bytes += size - 32
                     dst = bytes(payload[:32])
@@ -385,8 +401,12 @@ class ServerSession:
                     continue
                 self._handle_control(frame_type, payload, now)
                 if self.state != ACTIVE:
-                    return
+                    if router is not None:
+                        router.discard_from(payload)
+                    break
         finally:
+            if router is not None:
+                charged = self._deliver_routed(router)
             stats = relay.stats
             stats.packets_received += received
             stats.bytes_received += received_bytes
@@ -404,6 +424,24 @@ class ServerSession:
                 preferred, self.read_preferred = self.read_preferred, None
                 if self.state == ACTIVE:
                     relay.note_preferred(self, preferred)
+        return charged
+
+    def _deliver_routed(self, router: Router) -> int:
+        """Write what the compiled router filed from this read; what it charges the read limit."""
+        relay = self.relay
+        key = self.key
+        routed, count, count_bytes, charged = router.take(key)
+        stats = relay.stats
+        stats.packets_received += count
+        stats.bytes_received += count_bytes
+        sent_to = relay.sent_to
+        for target, data, frames in routed:
+            target.deliver_frames(data, frames)
+            # derper's sentTo (PeerGone when this key leaves), noted once per pair
+            receivers = sent_to.get(key)
+            if receivers is None or target.key not in receivers:
+                relay.note_delivery(src=key, dst=target.key)
+        return charged
 
     def _handle_control(self, frame_type: int, payload: memoryview, now: float) -> None:
         """Every frame but SendPacket: rare next to packets, so clarity over speed here."""
@@ -514,6 +552,26 @@ class ServerSession:
         transport.write(data)
         stats.packets_sent += count
         stats.bytes_sent += len(data) - 37 * count
+
+    def deliver_frames(self, frames: bytes, count: int) -> None:
+        """Write `count` RecvPacket frames built in one bytes object (fastpath.py) in one write, or
+        queue them one by one while the client is not reading."""
+        if self.paused_since:
+            view = memoryview(frames)
+            pos = 0
+            for _ in range(count):
+                stop = pos + F.HEADER_LEN + int.from_bytes(view[pos + 1 : pos + F.HEADER_LEN])
+                self._deliver_frame(bytes(view[pos:stop]))
+                pos = stop
+            return
+        transport = self.transport
+        stats = self.relay.stats
+        if transport is None:
+            stats.drop("gone_disconnected", count)
+            return
+        transport.write(frames)
+        stats.packets_sent += count
+        stats.bytes_sent += len(frames) - 37 * count
 
     def _deliver_frame(self, frame: bytes) -> None:
         """Hand a RecvPacket frame to this client's transport, or to the bounded queue when paused."""

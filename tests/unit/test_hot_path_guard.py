@@ -205,8 +205,10 @@ def report(calls: Counter[str]) -> str:
 
 
 @pytest.fixture
-def relay() -> Relay:
-    return Relay(PrivateKey.generate())
+def relay(hot_path: str) -> Relay:
+    relay = Relay(PrivateKey.generate())
+    assert (relay.router is not None) == (hot_path == "compiled")
+    return relay
 
 
 async def test_one_packet_per_read_costs_one_write_and_no_task(relay: Relay) -> None:

@@ -69,8 +69,10 @@ class Clock:
 
 
 @pytest.fixture
-def relay() -> Relay:
-    return Relay(PrivateKey.generate())
+def relay(hot_path: str) -> Relay:
+    relay = Relay(PrivateKey.generate())
+    assert (relay.router is not None) == (hot_path == "compiled")
+    return relay
 
 
 def started(relay: Relay, port: int = 1, *, clock: Clock | None = None,
