@@ -58,6 +58,7 @@ class PeerLink:
     socket: zmq.Socket  # type: ignore[type-arg]
     batch: list[bytes | memoryview] = field(default_factory=list)
     batch_bytes: int = 0
+    batch_packets: int = 0
     packets_sent: int = 0
     packets_dropped: int = 0
     control_dropped: int = 0
@@ -146,12 +147,26 @@ class MeshTransport:
             self._dirty.append(link)
         batch += (head, payload)
         link.batch_bytes += len(head) + len(payload)
+        link.batch_packets += 1
         if link.batch_bytes >= MAX_BATCH_BYTES:
             self._flush_link(link)
         elif not self._flush_scheduled and self.loop is not None:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
         return True
+
+    def queue_records(self, link: PeerLink, records: bytes, count: int) -> None:
+        """Batch `count` packet records already joined (the compiled router, relay_worker/fastpath.py)."""
+        if not link.batch:
+            self._dirty.append(link)
+        link.batch.append(records)
+        link.batch_bytes += len(records)
+        link.batch_packets += count
+        if link.batch_bytes >= MAX_BATCH_BYTES:
+            self._flush_link(link)
+        elif not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -161,9 +176,9 @@ class MeshTransport:
                 self._flush_link(link)
 
     def _flush_link(self, link: PeerLink) -> None:
-        batch, count = link.batch, len(link.batch) // 2
+        batch, count = link.batch, link.batch_packets
         link.batch = []
-        link.batch_bytes = 0
+        link.batch_bytes = link.batch_packets = 0
         try:
             link.socket.send(build_packets(batch), zmq.NOBLOCK)
             link.packets_sent += count

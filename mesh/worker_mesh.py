@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay_worker.fastpath import MeshFrames, Router, mesh_frames_function
 from relay_worker.frames import Payload
 from relay_worker.keys import PrivateKey
 from relay_worker.relay import Forwarder
@@ -73,6 +74,7 @@ class MeshedRelay(Protocol):
     workers forward here, and reports every change of a key's cluster-wide owner."""
 
     forwarder: Forwarder | None
+    router: Router | None
     publication_barrier: Callable[[Callable[[], None]], None] | None
 
     @property
@@ -88,6 +90,8 @@ class MeshedRelay(Protocol):
     def stats(self) -> AckCounters: ...
 
     def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, bytes | memoryview]]) -> int: ...
+
+    def deliver_mesh_frames(self, built: MeshFrames) -> int: ...
 
     def reroute(self, key: bytes) -> None: ...
 
@@ -167,6 +171,8 @@ class WorkerMesh:
         #: keys held by stock derpers we mesh with (Tailscale's mesh protocol), and which derper:
         #: filled only on the worker that holds the node's derper connections (mesh.derper_keys)
         self.foreign: dict[bytes, DerpMeshPeer] = {}
+        #: the compiled receiving end of PACKETS messages (relay_worker/fastpath.py), or None
+        self.mesh_frames = mesh_frames_function()
         #: on the other workers, the holder's list of those keys
         self.derper_replica = Replica()
         #: the holder's numbered changes of `foreign`, gathered per loop iteration
@@ -240,6 +246,8 @@ class WorkerMesh:
         loop = asyncio.get_running_loop()
         self.transport.start(loop)
         self.relay.forwarder = self
+        if self.relay.router is not None:
+            self.relay.router.attach_mesh(owners=self.directory.resolved, own=self.owner, links=self.transport.peers)
         self.relay.publication_barrier = self.publication_barrier
         self._task = loop.create_task(self._heartbeat_loop())
         self.loop_monitor.beat(time.monotonic())
@@ -270,6 +278,9 @@ class WorkerMesh:
             self.unroutable += 1
             return False
         return True
+
+    def forward_records(self, *, link: Any, records: bytes, count: int) -> None:
+        self.transport.queue_records(link, records, count)
 
     def remote_winner(self, key: bytes) -> bool:
         owner = self.directory.resolved.get(key)
@@ -634,6 +645,13 @@ class WorkerMesh:
             return
         kind = message[0]
         if kind == wire.PACKETS:
+            if self.mesh_frames is not None and not self.foreign:
+                built = self.mesh_frames(message, self.relay.active)
+                self.packets_in += self.relay.deliver_mesh_frames(built)
+                if built[4] is not None:
+                    self.bad_messages += 1
+                    log.warning("dropping malformed packet batch: %s", built[4])
+                return
             try:
                 records: Iterable[tuple[bytes, bytes, memoryview]] = wire.iter_packets(message)
                 if self.foreign:

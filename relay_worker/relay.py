@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from . import frames as F
-from .fastpath import new_router
+from .fastpath import MeshFrames, new_router
 from .frames import Payload
 from .handshake import ServerHandshake
 from .keys import PrivateKey
@@ -282,6 +282,20 @@ class Relay:
         conn.deliver(src=src, packet=packet)
         self.note_delivery(src=src, dst=dst)
         return True
+
+    def deliver_mesh_frames(self, built: MeshFrames) -> int:
+        """What `fastpath.mesh_frames` built from one PACKETS message of our mesh: as
+        deliver_forwarded_batch, with the frames already joined per connection."""
+        batches, count, dropped, pairs, _ = built
+        stats = self.stats
+        stats.packets_forwarded_in += count
+        if dropped:
+            stats.drop("unknown_dest_on_fwd", dropped)
+        for src, dst in pairs:
+            self.note_delivery(src=src, dst=dst)
+        for conn, frames, frame_count in batches:
+            conn.deliver_frames(frames, frame_count)
+        return count
 
     def deliver_forwarded_batch(self, records: Iterable[tuple[bytes, bytes, Payload]]) -> int:
         """Packets from our own mesh: one write per destination connection for the whole batch.

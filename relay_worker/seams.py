@@ -115,6 +115,10 @@ class Forwarder(Protocol):
         """Send to the remote owner of dst; False when no remote owner is known."""
         ...
 
+    def forward_records(self, *, link: Any, records: bytes, count: int) -> None:
+        """Send `count` packet records the compiled router built for one mesh link (fastpath.py)."""
+        ...
+
     def remote_winner(self, key: bytes) -> bool:
         """True when another owner, not this worker, should receive packets for key."""
         ...

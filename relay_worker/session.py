@@ -430,10 +430,16 @@ class ServerSession:
         """Write what the compiled router filed from this read; what it charges the read limit."""
         relay = self.relay
         key = self.key
-        routed, count, count_bytes, charged = router.take(key)
+        routed, to_links, count, count_bytes, charged = router.take(key)
         stats = relay.stats
         stats.packets_received += count
         stats.bytes_received += count_bytes
+        if to_links:
+            forwarder = relay.forwarder
+            assert forwarder is not None  # the router routes to links only once the mesh attached it
+            for link, records, forwarded in to_links:
+                forwarder.forward_records(link=link, records=records, count=forwarded)
+                stats.packets_forwarded_out += forwarded
         sent_to = relay.sent_to
         for target, data, frames in routed:
             target.deliver_frames(data, frames)

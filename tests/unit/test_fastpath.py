@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh import wire
 from relay_worker import fastpath
 from relay_worker import frames as F
 from relay_worker.handshake import ClientInfo, seal_client_info
@@ -127,3 +128,77 @@ def test_packets_after_a_protocol_error_in_the_same_read_are_not_relayed(hot_pat
     written = b"".join(side.sessions["receiver"][1].writes)
     assert written == F.build_recv_packet(SENDER.public().raw, b"before")
     assert side.relay.stats.packets_received == 1
+
+
+# -- the worker mesh: packets for keys other workers own, and PACKETS messages arriving ----------------
+
+
+class Link:
+    """A mesh link as the router sees it: only its identity matters (mesh/transport.py's PeerLink)."""
+
+
+class Forwarded:
+    """The relay's forwarder as the compiled router uses it: what it was handed, per link."""
+
+    def __init__(self) -> None:
+        self.records: dict[Link, list[tuple[bytes, int]]] = {}
+
+    def forward_records(self, *, link: Link, records: bytes, count: int) -> None:
+        self.records.setdefault(link, []).append((records, count))
+
+    def forward(self, *, dst: bytes, src: bytes, packet: F.Payload) -> bool:
+        return False  # what the router leaves to Python has no remote owner here
+
+
+REMOTE = PrivateKey.generate().public().raw
+ORPHAN = PrivateKey.generate().public().raw  # owned by another worker with no link yet
+
+
+def test_packets_for_a_key_another_worker_owns_become_mesh_records_per_link() -> None:
+    side = Side(compiled=True, rate=0)
+    assert side.relay.router is not None
+    link, own = Link(), ("node", 0)
+    side.relay.router.attach_mesh(owners={REMOTE: ("node", 1), ORPHAN: ("node", 2), UNKNOWN: own},
+                                  own=own, links={("node", 1): link})
+    forwarded = Forwarded()
+    side.relay.forwarder = forwarded  # type: ignore[assignment]
+    sender, _ = side.sessions["sender"]
+    src = SENDER.public().raw
+    packets = [b"one", b"p" * 1400, b""]
+    stream = [F.build_send_packet(REMOTE, packet) for packet in packets]
+    stream.insert(1, F.build_send_packet(RECEIVER.public().raw, b"local"))
+    stream.append(F.build_send_packet(ORPHAN, b"no link"))  # left to Python: unknown destination
+    sender.receive_data(b"".join(stream), T0)
+    [(records, count)] = forwarded.records[link]
+    assert count == 3
+    assert records == b"".join(wire.packet_record(REMOTE, src, packet) for packet in packets)
+    assert [(d, s, bytes(p)) for d, s, p in wire.iter_packets(b"\x01" + records)] == [
+        (REMOTE, src, packet) for packet in packets]
+    assert b"".join(side.sessions["receiver"][1].writes) == F.build_recv_packet(src, b"local")
+    stats = side.relay.stats
+    assert (stats.packets_received, stats.packets_forwarded_out, stats.drops["unknown_dest"]) == (5, 3, 1)
+
+
+RECORDS = st.lists(st.tuples(st.sampled_from([RECEIVER.public().raw, OTHER.public().raw, UNKNOWN]),
+                             st.sampled_from([SENDER.public().raw, UNKNOWN]), st.binary(max_size=300)),
+                   max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(records=RECORDS, tail=st.sampled_from([b"", b"\x00" * 10, bytes(64) + b"\xff\xff\xff\xff"]))
+def test_a_mesh_message_is_delivered_by_the_compiled_loop_as_by_the_python_one(
+        records: list[tuple[bytes, bytes, bytes]], tail: bytes) -> None:
+    message = b"\x01" + b"".join(wire.packet_record(d, s, p) for d, s, p in records) + tail
+    compiled, python = Side(compiled=True, rate=0), Side(compiled=False, rate=0)
+    mesh_frames = fastpath.mesh_frames_function()
+    assert mesh_frames is not None
+    built = mesh_frames(message, compiled.relay.active)
+    compiled.relay.deliver_mesh_frames(built)
+    error = None
+    try:
+        python.relay.deliver_forwarded_batch(wire.iter_packets(message))
+    except wire.WireError as exc:
+        error = str(exc)
+    assert built[4] == error
+    assert compiled.observed() == python.observed()
+    assert compiled.relay.sent_to == python.relay.sent_to
