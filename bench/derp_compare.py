@@ -24,13 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from derptools.bench.procfs import cpu_seconds
+from derptools.bench.procfs import ClusterInfo, cpu_seconds
+from derptools.bench.runner import Target
 from tests.interop.harness import WS_BIN, build_binaries
 from tests.support import free_port, wait_until
 
@@ -57,12 +59,17 @@ class Server:
     def cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids())
 
+    def counters(self) -> dict[str, int] | None:
+        """The server's own packet counters summed over its processes, where it exposes them."""
+        return None
+
 
 class Ours(Server):
     name = "ours"
 
-    def __init__(self, work: Path, args: argparse.Namespace, certdir: Path | None) -> None:
+    def __init__(self, work: Path, args: Any, certdir: Path | None) -> None:
         self.port = free_port()
+        self.workers = args.workers
         self.run_dir = work / "ours-run"
         cmd = [*taskset(args.server_cpus), sys.executable, "-m", "cluster", "up", "--workers", str(args.workers),
                "--listen", f"127.0.0.1:{self.port}", "--no-stun", "--state-dir", str(work / "ours-state"),
@@ -74,6 +81,15 @@ class Ours(Server):
         self.url = f"{scheme}://{HOSTNAME}:{self.port}/derp"
         wait_until(lambda: len(self._workers()) == args.workers, timeout=60, what="cluster up's workers")
         wait_listening(self.port, "cluster up to listen")
+        # placement reads every worker's counters through its admin socket: wait until all answer
+        wait_until(self._admin_ready, timeout=60, what="every worker's admin socket")
+
+    def _admin_ready(self) -> bool:
+        try:
+            self.cluster().accepts()
+        except OSError:
+            return False
+        return True
 
     def _workers(self) -> list[int]:
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
@@ -84,6 +100,12 @@ class Ours(Server):
     def pids(self) -> list[int]:
         return [self.proc.pid, *self._workers()]
 
+    def cluster(self) -> ClusterInfo:
+        return ClusterInfo.load(self.run_dir)
+
+    def counters(self) -> dict[str, int] | None:
+        return Target(self.name, self.url, self._workers(), self.cluster()).varz_totals()
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
@@ -92,7 +114,7 @@ class Ours(Server):
 class Derper(Server):
     name = "derper"
 
-    def __init__(self, work: Path, args: argparse.Namespace, bins: Path, certdir: Path | None) -> None:
+    def __init__(self, work: Path, args: Any, bins: Path, certdir: Path | None) -> None:
         self.port = free_port()
         cmd = [*taskset(args.server_cpus), str(bins / "derper"), "-a", f"127.0.0.1:{self.port}", "-stun=false",
                "-http-port", "-1", "-c", str(work / "derper.json")]
@@ -113,20 +135,88 @@ class Derper(Server):
         self.proc.wait(30)
 
 
-def run_load(server: Server, args: argparse.Namespace, bins: Path, env: dict[str, str]) -> dict[str, Any]:
+PLACEMENTS = ("random", "same", "cross")
+
+
+class Placer:
+    """Answers derpload -pin: keep a client or retry it, by which worker's accept counter grew.
+
+    Clients arrive in order sender 0, receiver 0, sender 1, ... A sender is kept on any worker
+    still holding fewer than its share of senders (pairs spread evenly over the workers); its
+    receiver is kept on the sender's worker (`same`) or on any other (`cross`). A reading where
+    not exactly one counter grew by exactly one (something else connected) is retried too.
+    """
+
+    def __init__(self, cluster: ClusterInfo, placement: str, pairs: int) -> None:
+        if placement == "cross" and len(cluster.worker_indexes) < 2:
+            raise SystemExit("derp_compare: placement cross needs at least 2 workers")
+        self.cluster = cluster
+        self.placement = placement
+        self.share = -(-pairs // len(cluster.worker_indexes))
+        self.limit = 50 * 2 * pairs + 20
+        self.before = cluster.accepts()
+        self.senders: dict[int, int] = dict.fromkeys(cluster.worker_indexes, 0)
+        self.sender_worker = -1
+        self.layout: list[tuple[int, int]] = []  # each pair's (sender worker, receiver worker)
+        self.connects = 0
+
+    def keep(self, index: int) -> bool:
+        self.connects += 1
+        if self.connects > self.limit:
+            raise SystemExit(f"derp_compare: could not place the clients after {self.connects} connects "
+                             "(is the kernel sending every connection to one worker?)")
+        after = self.cluster.accepts()
+        grown = {w: after[w] - self.before.get(w, 0) for w in after if after[w] != self.before.get(w, 0)}
+        self.before = after
+        if len(grown) != 1 or next(iter(grown.values())) != 1:
+            return False
+        (worker,) = grown
+        if index % 2 == 0:
+            if self.senders[worker] >= self.share:
+                return False
+            self.senders[worker] += 1
+            self.sender_worker = worker
+            return True
+        if (worker == self.sender_worker) != (self.placement == "same"):
+            return False
+        self.layout.append((self.sender_worker, worker))
+        return True
+
+
+def pinned(server: Server, placement: str) -> bool:
+    """Whether this run places the clients: only our node, only with more than one worker."""
+    return isinstance(server, Ours) and placement != "random" and server.workers > 1
+
+
+def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placement: str = "random") -> dict[str, Any]:
+    """One derpload run against one server; args has derp_compare's load fields (pairs, size, ...)."""
     cmd = [*taskset(args.load_cpus), str(bins / "derpload"), "-url", server.url, "-pairs", str(args.pairs),
            "-size", str(args.size), "-window", str(args.window), "-seconds", str(args.seconds),
            "-warmup", str(args.warmup)]
-    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    placer = Placer(server.cluster(), placement, args.pairs) if pinned(server, placement) else None
+    if placer is not None:
+        cmd.append("-pin")
+    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.PIPE if placer else subprocess.DEVNULL)
     assert load.stderr is not None and load.stdout is not None
-    # derpload marks the measured window on stderr: CPU is sampled at exactly those two moments
+    # derpload marks the measured window on stderr: CPU and counters are sampled at exactly those moments
     marks: dict[str, float] = {}
+    varz: dict[str, dict[str, int] | None] = {}
     errors: list[str] = []
-    for line in load.stderr:
-        if line.strip() in ("measuring", "measured"):
-            marks[line.strip()] = server.cpu()
-        else:
-            errors.append(line)
+    try:
+        for line in load.stderr:
+            word, _, rest = line.strip().partition(" ")
+            if word in ("measuring", "measured"):
+                marks[word] = server.cpu()
+                varz[word] = server.counters()
+            elif word == "connected" and placer is not None and load.stdin is not None:
+                load.stdin.write("keep\n" if placer.keep(int(rest)) else "retry\n")
+                load.stdin.flush()
+            else:
+                errors.append(line)
+    finally:
+        if load.poll() is None and len(marks) != 2:
+            load.kill()
     out = load.stdout.read()
     if load.wait(60) != 0 or len(marks) != 2:
         raise SystemExit(f"derpload against {server.name} failed: {''.join(errors).strip()[-500:]}")
@@ -134,6 +224,12 @@ def run_load(server: Server, args: argparse.Namespace, bins: Path, env: dict[str
     cpu = marks["measured"] - marks["measuring"]
     result["server_cpu_seconds"] = cpu
     result["server_us_per_packet"] = cpu / result["packets"] * 1e6 if result["packets"] else float("nan")
+    result["placement"] = placement if isinstance(server, Ours) else "one process"
+    result["pair_workers"] = placer.layout if placer is not None else []
+    result["connects"] = placer.connects if placer is not None else 2 * args.pairs
+    before, after = varz["measuring"], varz["measured"]
+    result["server_counters"] = ({name: after[name] - before.get(name, 0) for name in after}
+                                 if before is not None and after is not None else None)
     return result
 
 
@@ -154,6 +250,87 @@ def tls_material(work: Path, enabled: bool) -> Iterator[tuple[Path | None, dict[
     yield certdir, {"SSL_CERT_FILE": str(work / "ca.pem")}
 
 
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One load shape and where it runs: what Ours, Derper and run_load read (an argparse
+    Namespace with the same fields does as well)."""
+
+    transport: str = "plain"
+    workers: int = 1
+    pairs: int = 4
+    size: int = 1200
+    window: int = 32
+    seconds: float = 5.0
+    warmup: float = 1.0
+    server_cpus: str = ""
+    load_cpus: str = ""
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    median: dict[str, Any] = {key: statistics.median(r[key] for r in results)
+                              for key in ("packets_per_second", "server_us_per_packet")}
+    latencies = [r["latency_us"] for r in results if r.get("latency_us")]
+    if latencies:
+        median["latency_us"] = {q: statistics.median(lat[q] for lat in latencies) for q in ("p50", "p99")}
+    return median
+
+
+def describe(index: int, name: str, result: dict[str, Any]) -> str:
+    latency = result.get("latency_us") or {}
+    return (f"round {index + 1} {name:6s} {result['placement']:11s} {result['packets_per_second']:10.0f} pkt/s "
+            f"{result['server_us_per_packet']:6.2f} us/pkt p50 {latency.get('p50', float('nan')):7.0f} us "
+            f"p99 {latency.get('p99', float('nan')):7.0f} us stalls {result['stalls']}")
+
+
+def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",),
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the shape against our node once per placement and once against derper, alternating the
+    order every round; return the rounds, the medians and the ours/derper ratios.
+
+    The result's "ours" maps each placement to {"rounds", "median", "ratio_pps", "ratio_cpu"};
+    "derper" is {"rounds", "median"} (derper is one process: placement does not apply).
+    """
+    for placement in placements:
+        if placement not in PLACEMENTS:
+            raise SystemExit(f"derp_compare: placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    bins = build_binaries()
+    load_bins = WS_BIN if shape.transport == "websocket" else bins
+    work = Path(tempfile.mkdtemp(prefix="derp-compare-"))
+    runs: list[tuple[str, str]] = [*(("ours", p) for p in placements), ("derper", "one process")]
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
+    try:
+        with tls_material(work, shape.transport != "plain") as (certdir, tls_env):
+            env = dict(os.environ, TS_NO_LOGS_NO_SUPPORT="true", **tls_env)
+            if shape.transport == "websocket":
+                env["TS_DEBUG_DERP_WS_CLIENT"] = "1"
+            servers: dict[str, Server] = {"ours": Ours(work, shape, certdir)}
+            try:
+                servers["derper"] = Derper(work, shape, bins, certdir)
+                for index in range(rounds):
+                    for name, placement in runs if index % 2 == 0 else reversed(runs):
+                        result = run_load(servers[name], shape, load_bins, env, placement)
+                        results[(name, placement)].append(result)
+                        log(describe(index, name, result))
+            finally:
+                for server in servers.values():
+                    server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    derper_rounds = results[("derper", "one process")]
+    derper_median = _median(derper_rounds)
+    doc: dict[str, Any] = {"shape": asdict(shape), "rounds_run": rounds, "ours": {},
+                           "derper": {"rounds": derper_rounds, "median": derper_median}}
+    for placement in placements:
+        ours_rounds = results[("ours", placement)]
+        ours_median = _median(ours_rounds)
+        doc["ours"][placement] = {
+            "rounds": ours_rounds, "median": ours_median,
+            "ratio_pps": ours_median["packets_per_second"] / derper_median["packets_per_second"],
+            "ratio_cpu": ours_median["server_us_per_packet"] / derper_median["server_us_per_packet"],
+        }
+    return doc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transport", choices=["plain", "tls", "websocket"], default="plain")
@@ -164,46 +341,28 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--placement", choices=PLACEMENTS, default="random",
+                        help="where our node's workers get each pair's two clients: same worker, different "
+                        "workers (pairs spread evenly either way), or as the kernel's SO_REUSEPORT hash falls "
+                        "(random); needs --workers 2+ to mean anything, derper always runs unpinned")
     parser.add_argument("--server-cpus", default="", help="taskset list for both servers, e.g. 0")
     parser.add_argument("--load-cpus", default="", help="taskset list for the load generator, e.g. 1")
     parser.add_argument("--json", type=Path, help="also write the rounds and medians here")
     args = parser.parse_args()
-    bins = build_binaries()
-    load_bins = WS_BIN if args.transport == "websocket" else bins
-    work = Path(tempfile.mkdtemp(prefix="derp-compare-"))
-    rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "derper": []}
-    try:
-        with tls_material(work, args.transport != "plain") as (certdir, tls_env):
-            env = dict(os.environ, TS_NO_LOGS_NO_SUPPORT="true", **tls_env)
-            if args.transport == "websocket":
-                env["TS_DEBUG_DERP_WS_CLIENT"] = "1"
-            servers: list[Server] = [Ours(work, args, certdir), Derper(work, args, bins, certdir)]
-            try:
-                for index in range(args.rounds):
-                    for server in servers if index % 2 == 0 else reversed(servers):
-                        result = run_load(server, args, load_bins, env)
-                        rounds[server.name].append(result)
-                        print(f"round {index + 1} {server.name:6s} {result['packets_per_second']:10.0f} pkt/s "
-                              f"{result['server_us_per_packet']:6.2f} us/pkt stalls {result['stalls']}", flush=True)
-            finally:
-                for server in servers:
-                    server.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    medians = {name: {"packets_per_second": statistics.median(r["packets_per_second"] for r in results),
-                      "server_us_per_packet": statistics.median(r["server_us_per_packet"] for r in results)}
-               for name, results in rounds.items()}
-    ratio_pps = medians["ours"]["packets_per_second"] / medians["derper"]["packets_per_second"]
-    ratio_cpu = medians["ours"]["server_us_per_packet"] / medians["derper"]["server_us_per_packet"]
-    print(f"{args.transport} workers={args.workers} pairs={args.pairs} size={args.size} window={args.window}: "
-          f"ours {medians['ours']['packets_per_second']:.0f} pkt/s {medians['ours']['server_us_per_packet']:.2f} us, "
-          f"derper {medians['derper']['packets_per_second']:.0f} pkt/s "
-          f"{medians['derper']['server_us_per_packet']:.2f} us; "
-          f"ours/derper packets/s {ratio_pps:.2f}x, CPU/packet {ratio_cpu:.2f}x")
+    shape = Shape(transport=args.transport, workers=args.workers, pairs=args.pairs, size=args.size,
+                  window=args.window, seconds=args.seconds, warmup=args.warmup, server_cpus=args.server_cpus,
+                  load_cpus=args.load_cpus)
+    doc = compare(shape, rounds=args.rounds, placements=(args.placement,),
+                  log=lambda line: print(line, flush=True))
+    ours, derper = doc["ours"][args.placement], doc["derper"]
+    print(f"{args.transport} workers={args.workers} pairs={args.pairs} size={args.size} window={args.window} "
+          f"placement={args.placement}: "
+          f"ours {ours['median']['packets_per_second']:.0f} pkt/s {ours['median']['server_us_per_packet']:.2f} us, "
+          f"derper {derper['median']['packets_per_second']:.0f} pkt/s "
+          f"{derper['median']['server_us_per_packet']:.2f} us; "
+          f"ours/derper packets/s {ours['ratio_pps']:.2f}x, CPU/packet {ours['ratio_cpu']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
-                                         "medians": medians, "ratio_pps": ratio_pps, "ratio_cpu": ratio_cpu},
-                                        indent=2))
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 
