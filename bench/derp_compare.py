@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from derptools.bench.procfs import ClusterInfo, cpu_seconds
+from derptools.bench.procfs import ClusterInfo, cpu_seconds, rss_kib
 from derptools.bench.runner import Target
 from tests.interop.harness import WS_BIN, build_binaries
 from tests.support import free_port, wait_until
@@ -233,6 +235,119 @@ def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placeme
     return result
 
 
+def raise_nofile_limit() -> None:
+    """Soft open-files limit up to the hard one: 10k idle clients need 10k descriptors on each side."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def rss_kib_of(server: Server) -> int:
+    return sum(rss_kib(pid) for pid in server.pids())
+
+
+def run_idle(server: Server, bins: Path, env: dict[str, str], *, clients: int, concurrency: int,
+             load_cpus: str = "", settle: float = 1.0) -> dict[str, Any]:
+    """Hold `clients` idle derphttp clients on the server; RSS per client = growth / clients."""
+    before = rss_kib_of(server)
+    cmd = [*taskset(load_cpus), str(bins / "derpconns"), "-mode", "idle", "-url", server.url,
+           "-clients", str(clients), "-concurrency", str(concurrency)]
+    load = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    assert load.stdin is not None and load.stdout is not None and load.stderr is not None
+    line = load.stdout.readline()
+    if not line:
+        load.kill()
+        raise SystemExit(f"derpconns idle against {server.name} failed: {load.stderr.read().strip()[-500:]}")
+    result: dict[str, Any] = json.loads(line)
+    time.sleep(settle)  # let the server finish what each handshake left behind before reading RSS
+    after = rss_kib_of(server)
+    load.stdin.close()
+    load.wait(60)
+    result.update(server=server.name, rss_before_kib=before, rss_after_kib=after,
+                  rss_per_client_kib=(after - before) / result["clients"] if result["clients"] else float("nan"))
+    return result
+
+
+def run_handshakes(server: Server, bins: Path, env: dict[str, str], *, concurrency: int, seconds: float,
+                   warmup: float, load_cpus: str = "") -> dict[str, Any]:
+    """Loops of connect + close for `seconds`; the server's CPU is charged over derpconns' window."""
+    cmd = [*taskset(load_cpus), str(bins / "derpconns"), "-mode", "handshakes", "-url", server.url,
+           "-concurrency", str(concurrency), "-seconds", str(seconds), "-warmup", str(warmup)]
+    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert load.stdout is not None and load.stderr is not None
+    marks: dict[str, float] = {}
+    errors: list[str] = []
+    for line in load.stderr:
+        if line.strip() in ("measuring", "measured"):
+            marks[line.strip()] = server.cpu()
+        else:
+            errors.append(line)
+    out = load.stdout.read()
+    if load.wait(60) != 0 or len(marks) != 2:
+        raise SystemExit(f"derpconns handshakes against {server.name} failed: {''.join(errors).strip()[-500:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    cpu = marks["measured"] - marks["measuring"]
+    result["server"] = server.name
+    result["server_cpu_seconds"] = cpu
+    result["server_us_per_handshake"] = cpu / result["handshakes"] * 1e6 if result["handshakes"] else float("nan")
+    return result
+
+
+def compare_connections(*, transport: str, clients: int, concurrency: int, seconds: float, warmup: float,
+                        rounds: int, server_cpus: str = "", load_cpus: str = "",
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Idle RSS per client and handshakes/s, our 1-worker node against derper with GOMAXPROCS=1.
+
+    Idle: each server fresh (a Python process keeps memory it freed), measured once. Handshakes:
+    `rounds` alternating runs against one instance of each; medians and ratios ours/derper.
+    """
+    raise_nofile_limit()
+    bins = build_binaries()
+    shape = Shape(transport=transport, workers=1, server_cpus=server_cpus, load_cpus=load_cpus)
+    work = Path(tempfile.mkdtemp(prefix="derp-compare-conns-"))
+    doc: dict[str, Any] = {"transport": transport, "clients": clients, "concurrency": concurrency,
+                           "idle": {}, "handshakes": {"ours": [], "derper": []}}
+    try:
+        with tls_material(work, transport != "plain") as (certdir, tls_env):
+            env = dict(os.environ, TS_NO_LOGS_NO_SUPPORT="true", **tls_env)
+            for name in ("ours", "derper"):
+                (work / f"idle-{name}").mkdir()
+                server = (Ours(work / "idle-ours", shape, certdir) if name == "ours"
+                          else Derper(work / "idle-derper", shape, bins, certdir))
+                try:
+                    idle = run_idle(server, bins, env, clients=clients, concurrency=concurrency, load_cpus=load_cpus)
+                finally:
+                    server.stop()
+                doc["idle"][name] = idle
+                log(f"idle   {name:6s} {idle['clients']} clients: {idle['rss_per_client_kib']:.1f} KiB per client "
+                    f"(RSS {idle['rss_before_kib']} -> {idle['rss_after_kib']} KiB), "
+                    f"{idle['connects_per_second']:.0f} connects/s")
+            servers: dict[str, Server] = {"ours": Ours(work, shape, certdir)}
+            try:
+                servers["derper"] = Derper(work, shape, bins, certdir)
+                for index in range(rounds):
+                    for name in ("ours", "derper") if index % 2 == 0 else ("derper", "ours"):
+                        result = run_handshakes(servers[name], bins, env, concurrency=concurrency, seconds=seconds,
+                                                warmup=warmup, load_cpus=load_cpus)
+                        doc["handshakes"][name].append(result)
+                        log(f"round {index + 1} {name:6s} {result['handshakes_per_second']:8.0f} handshakes/s "
+                            f"{result['server_us_per_handshake']:8.0f} us CPU each, failures {result['failures']}")
+            finally:
+                for server in servers.values():
+                    server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    medians = {name: {key: statistics.median(r[key] for r in results)
+                      for key in ("handshakes_per_second", "server_us_per_handshake")}
+               for name, results in doc["handshakes"].items()}
+    doc["handshake_medians"] = medians
+    doc["ratio_idle_rss"] = doc["idle"]["ours"]["rss_per_client_kib"] / doc["idle"]["derper"]["rss_per_client_kib"]
+    doc["ratio_handshakes"] = medians["ours"]["handshakes_per_second"] / medians["derper"]["handshakes_per_second"]
+    doc["ratio_handshake_cpu"] = (medians["ours"]["server_us_per_handshake"]
+                                  / medians["derper"]["server_us_per_handshake"])
+    return doc
+
+
 @contextlib.contextmanager
 def tls_material(work: Path, enabled: bool) -> Iterator[tuple[Path | None, dict[str, str]]]:
     if not enabled:
@@ -347,8 +462,23 @@ def main() -> int:
                         "(random); needs --workers 2+ to mean anything, derper always runs unpinned")
     parser.add_argument("--server-cpus", default="", help="taskset list for both servers, e.g. 0")
     parser.add_argument("--load-cpus", default="", help="taskset list for the load generator, e.g. 1")
+    parser.add_argument("--mode", choices=["relay", "connections"], default="relay",
+                        help="relay: packets/s and CPU per packet; connections: idle RSS per client (--clients) "
+                        "and handshakes/s (--concurrency loops), one worker against GOMAXPROCS=1")
+    parser.add_argument("--clients", type=int, default=10000, help="connections: idle clients to hold")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections: handshakes in progress at once")
     parser.add_argument("--json", type=Path, help="also write the rounds and medians here")
     args = parser.parse_args()
+    if args.mode == "connections":
+        conns = compare_connections(transport=args.transport, clients=args.clients, concurrency=args.concurrency,
+                                    seconds=args.seconds, warmup=args.warmup, rounds=args.rounds,
+                                    server_cpus=args.server_cpus, load_cpus=args.load_cpus,
+                                    log=lambda line: print(line, flush=True))
+        print(f"{args.transport}: idle RSS per client ours/derper {conns['ratio_idle_rss']:.2f}x, "
+              f"handshakes/s {conns['ratio_handshakes']:.2f}x, CPU per handshake {conns['ratio_handshake_cpu']:.2f}x")
+        if args.json:
+            args.json.write_text(json.dumps(conns, indent=2))
+        return 0
     shape = Shape(transport=args.transport, workers=args.workers, pairs=args.pairs, size=args.size,
                   window=args.window, seconds=args.seconds, warmup=args.warmup, server_cpus=args.server_cpus,
                   load_cpus=args.load_cpus)
