@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -39,6 +40,8 @@ from tests.interop.harness import WS_BIN, build_binaries
 from tests.support import free_port, wait_until
 
 HOSTNAME = "localhost"
+#: one `go build` per process, however many comparisons it runs (a no-op build still takes seconds)
+binaries = functools.cache(build_binaries)
 
 
 def wait_listening(port: int, what: str) -> None:
@@ -302,7 +305,7 @@ def compare_connections(*, transport: str, clients: int, concurrency: int, secon
     `rounds` alternating runs against one instance of each; medians and ratios ours/derper.
     """
     raise_nofile_limit()
-    bins = build_binaries()
+    bins = binaries()
     shape = Shape(transport=transport, workers=1, server_cpus=server_cpus, load_cpus=load_cpus)
     work = Path(tempfile.mkdtemp(prefix="derp-compare-conns-"))
     doc: dict[str, Any] = {"transport": transport, "clients": clients, "concurrency": concurrency,
@@ -384,6 +387,10 @@ class Shape:
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     median: dict[str, Any] = {key: statistics.median(r[key] for r in results)
                               for key in ("packets_per_second", "server_us_per_packet")}
+    shares = [r["server_counters"]["packets_forwarded_out"] / r["server_counters"]["packets_received"]
+              for r in results if r.get("server_counters") and r["server_counters"].get("packets_received")]
+    if shares:  # what fraction of the packets crossed between workers (0 on one worker or `same`)
+        median["cross_worker_share"] = statistics.median(shares)
     latencies = [r["latency_us"] for r in results if r.get("latency_us")]
     if latencies:
         median["latency_us"] = {q: statistics.median(lat[q] for lat in latencies) for q in ("p50", "p99")}
@@ -408,7 +415,7 @@ def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",
     for placement in placements:
         if placement not in PLACEMENTS:
             raise SystemExit(f"derp_compare: placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
-    bins = build_binaries()
+    bins = binaries()
     load_bins = WS_BIN if shape.transport == "websocket" else bins
     work = Path(tempfile.mkdtemp(prefix="derp-compare-"))
     runs: list[tuple[str, str]] = [*(("ours", p) for p in placements), ("derper", "one process")]
