@@ -5,10 +5,29 @@ real clients send them), built from the interop tier's Go module. Each round run
 against our `cluster up` and against `derper` from the same module, alternating, and charges each
 server the utime+stime of its own processes over the measured window (kernel time in those
 processes included). Medians over the rounds and the ratios ours/derper are printed, and written
-as JSON with --json.
+as JSON with --json. bench/derp_table.py runs compare() over the whole matrix.
+
+Placement (--placement, our node with 2+ workers). The workers share the port through
+SO_REUSEPORT, so the kernel picks a worker per connection. derpload -pin connects one client at a
+time and waits for "keep" or "retry"; this script reads every worker's `accepts` counter (its
+/debug/varz on the admin socket in the run dir) after each connect, and keeps the client only on
+a worker that fits: `same` puts each pair's two clients on one worker, `cross` on two, pairs
+spread evenly over the workers either way (cluster bench's pin_pairs method). `random` takes what
+the kernel gives. derper is one process: it always runs unpinned ("one process" in the results).
+The workers' packets_forwarded_out over the window shows how many packets crossed between them.
+
+Connections (--mode connections): `derpconns` (derphttp as well) holds --clients idle clients on
+a fresh server, RSS per client = (RSS of the server's processes with them - before) / clients,
+then loops connect + close (--concurrency at once) for handshakes/s and server CPU per handshake.
+The Python generator of `cluster bench idle|connect` speaks plain HTTP only, hence Go for TLS.
+
+Latency: each packet carries its send time; derpload reports one-way p50/p90/p99 of the packets
+received in the window, at saturation (closed loop, --window in flight per pair).
 
     .venv/bin/python bench/derp_compare.py --transport plain --workers 1 --server-cpus 0 --load-cpus 1
     .venv/bin/python bench/derp_compare.py --transport tls --pairs 20 --size 100 --rounds 5
+    .venv/bin/python bench/derp_compare.py --workers 2 --placement cross --pairs 20
+    .venv/bin/python bench/derp_compare.py --mode connections --transport tls --clients 10000
 
 Needs Go (the first run builds Tailscale's programs: minutes on a cold Go cache). Loopback only.
 """
@@ -199,11 +218,10 @@ def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placeme
            "-size", str(args.size), "-window", str(args.window), "-seconds", str(args.seconds),
            "-warmup", str(args.warmup)]
     placer = Placer(server.cluster(), placement, args.pairs) if pinned(server, placement) else None
-    if placer is not None:
-        cmd.append("-pin")
-    load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            stdin=subprocess.PIPE if placer else subprocess.DEVNULL)
-    assert load.stderr is not None and load.stdout is not None
+    cmd += ["-hold", *(["-pin"] if placer is not None else [])]
+    load = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    assert load.stdin is not None and load.stderr is not None and load.stdout is not None
     # derpload marks the measured window on stderr: CPU and counters are sampled at exactly those moments
     marks: dict[str, float] = {}
     varz: dict[str, dict[str, int] | None] = {}
@@ -214,7 +232,9 @@ def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placeme
             if word in ("measuring", "measured"):
                 marks[word] = server.cpu()
                 varz[word] = server.counters()
-            elif word == "connected" and placer is not None and load.stdin is not None:
+                if word == "measured":
+                    load.stdin.close()  # derpload -hold: now it may close its clients
+            elif word == "connected" and placer is not None:
                 load.stdin.write("keep\n" if placer.keep(int(rest)) else "retry\n")
                 load.stdin.flush()
             else:

@@ -152,6 +152,7 @@ func main() {
 	seconds := flag.Float64("seconds", 5, "measured seconds")
 	warmup := flag.Float64("warmup", 1, "unmeasured seconds first")
 	pin := flag.Bool("pin", false, "connect one client at a time; after each \"connected <i>\" on stderr read keep or retry on stdin")
+	hold := flag.Bool("hold", false, "after \"measured\" keep the clients open until a line (or EOF) on stdin")
 	flag.Parse()
 	if *urlB == "" {
 		*urlB = *url
@@ -212,6 +213,11 @@ func main() {
 	fmt.Fprintln(os.Stderr, "measured")
 	elapsed := time.Since(start).Seconds()
 	cancel()
+	if *hold {
+		// the caller samples the server after "measured": closing the clients first would charge
+		// their teardown to the window and empty the server's connection gauges
+		answers.Scan() // a line or EOF: either is the go-ahead
+	}
 	var stalls int64
 	for _, p := range all {
 		stalls += p.stalls.Load()
