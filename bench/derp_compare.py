@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +212,13 @@ def pinned(server: Server, placement: str) -> bool:
     return isinstance(server, Ours) and placement != "random" and server.workers > 1
 
 
-def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placement: str = "random") -> dict[str, Any]:
-    """One derpload run against one server; args has derp_compare's load fields (pairs, size, ...)."""
+def run_load(server: Server, args: Any, bins: Path, env: dict[str, str], placement: str = "random",
+             rate: float = 0.0) -> dict[str, Any]:
+    """One derpload run against one server; args has derp_compare's load fields (pairs, size, ...).
+    rate > 0 paces the senders at that many packets/s in all (latency below saturation)."""
     cmd = [*taskset(args.load_cpus), str(bins / "derpload"), "-url", server.url, "-pairs", str(args.pairs),
            "-size", str(args.size), "-window", str(args.window), "-seconds", str(args.seconds),
-           "-warmup", str(args.warmup)]
+           "-warmup", str(args.warmup), "-rate", str(rate)]
     placer = Placer(server.cluster(), placement, args.pairs) if pinned(server, placement) else None
     cmd += ["-hold", *(["-pin"] if placer is not None else [])]
     load = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -417,20 +419,22 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     return median
 
 
-def describe(index: int, name: str, result: dict[str, Any]) -> str:
+def describe(what: str, name: str, result: dict[str, Any]) -> str:
     latency = result.get("latency_us") or {}
-    return (f"round {index + 1} {name:6s} {result['placement']:11s} {result['packets_per_second']:10.0f} pkt/s "
+    return (f"{what} {name:6s} {result['placement']:11s} {result['packets_per_second']:10.0f} pkt/s "
             f"{result['server_us_per_packet']:6.2f} us/pkt p50 {latency.get('p50', float('nan')):7.0f} us "
             f"p99 {latency.get('p99', float('nan')):7.0f} us stalls {result['stalls']}")
 
 
-def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",),
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",), paced_fraction: float = 0.0,
+            paced_seconds: float = 2.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the shape against our node once per placement and once against derper, alternating the
     order every round; return the rounds, the medians and the ours/derper ratios.
 
     The result's "ours" maps each placement to {"rounds", "median", "ratio_pps", "ratio_cpu"};
-    "derper" is {"rounds", "median"} (derper is one process: placement does not apply).
+    "derper" is {"rounds", "median"} (derper is one process: placement does not apply). With
+    paced_fraction > 0 each of them also gets "paced": one run of paced_seconds at that fraction of
+    its own median packets/s, for the latency of a relay that is not saturated.
     """
     for placement in placements:
         if placement not in PLACEMENTS:
@@ -440,6 +444,7 @@ def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",
     work = Path(tempfile.mkdtemp(prefix="derp-compare-"))
     runs: list[tuple[str, str]] = [*(("ours", p) for p in placements), ("derper", "one process")]
     results: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
+    paced: dict[tuple[str, str], dict[str, Any]] = {}
     try:
         with tls_material(work, shape.transport != "plain") as (certdir, tls_env):
             env = dict(os.environ, TS_NO_LOGS_NO_SUPPORT="true", **tls_env)
@@ -452,7 +457,14 @@ def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",
                     for name, placement in runs if index % 2 == 0 else reversed(runs):
                         result = run_load(servers[name], shape, load_bins, env, placement)
                         results[(name, placement)].append(result)
-                        log(describe(index, name, result))
+                        log(describe(f"round {index + 1}", name, result))
+                if paced_fraction > 0:
+                    paced_shape = replace(shape, seconds=paced_seconds)
+                    for name, placement in runs:
+                        rate = paced_fraction * _median(results[(name, placement)])["packets_per_second"]
+                        result = run_load(servers[name], paced_shape, load_bins, env, placement, rate=rate)
+                        paced[(name, placement)] = result
+                        log(describe("paced  ", name, result) + f" (paced at {rate:.0f} pkt/s)")
             finally:
                 for server in servers.values():
                     server.stop()
@@ -461,12 +473,13 @@ def compare(shape: Shape, *, rounds: int, placements: Sequence[str] = ("random",
     derper_rounds = results[("derper", "one process")]
     derper_median = _median(derper_rounds)
     doc: dict[str, Any] = {"shape": asdict(shape), "rounds_run": rounds, "ours": {},
-                           "derper": {"rounds": derper_rounds, "median": derper_median}}
+                           "derper": {"rounds": derper_rounds, "median": derper_median,
+                                      "paced": paced.get(("derper", "one process"))}}
     for placement in placements:
         ours_rounds = results[("ours", placement)]
         ours_median = _median(ours_rounds)
         doc["ours"][placement] = {
-            "rounds": ours_rounds, "median": ours_median,
+            "rounds": ours_rounds, "median": ours_median, "paced": paced.get(("ours", placement)),
             "ratio_pps": ours_median["packets_per_second"] / derper_median["packets_per_second"],
             "ratio_cpu": ours_median["server_us_per_packet"] / derper_median["server_us_per_packet"],
         }
@@ -487,6 +500,8 @@ def main() -> int:
                         help="where our node's workers get each pair's two clients: same worker, different "
                         "workers (pairs spread evenly either way), or as the kernel's SO_REUSEPORT hash falls "
                         "(random); needs --workers 2+ to mean anything, derper always runs unpinned")
+    parser.add_argument("--paced-fraction", type=float, default=0.0, help="after the rounds, one run per server "
+                        "paced at this fraction of its median packets/s (latency below saturation; 0: none)")
     parser.add_argument("--server-cpus", default="", help="taskset list for both servers, e.g. 0")
     parser.add_argument("--load-cpus", default="", help="taskset list for the load generator, e.g. 1")
     parser.add_argument("--mode", choices=["relay", "connections"], default="relay",
@@ -509,7 +524,7 @@ def main() -> int:
     shape = Shape(transport=args.transport, workers=args.workers, pairs=args.pairs, size=args.size,
                   window=args.window, seconds=args.seconds, warmup=args.warmup, server_cpus=args.server_cpus,
                   load_cpus=args.load_cpus)
-    doc = compare(shape, rounds=args.rounds, placements=(args.placement,),
+    doc = compare(shape, rounds=args.rounds, placements=(args.placement,), paced_fraction=args.paced_fraction,
                   log=lambda line: print(line, flush=True))
     ours, derper = doc["ours"][args.placement], doc["derper"]
     print(f"{args.transport} workers={args.workers} pairs={args.pairs} size={args.size} window={args.window} "

@@ -20,13 +20,16 @@ Go module, in the same run, alternating rounds (bench/derp_compare.py's compare(
 
 Packets/s is what derpload's receivers got in the measured window; CPU per packet is the server
 processes' utime+stime over that window (kernel included) over those packets; latency is one-way,
-send to receive in the one derpload process, at saturation (closed loop, --window in flight): it
-includes the queueing the window builds, so it is not the light-load latency.
+send to receive in the one derpload process, at saturation (closed loop, --window in flight), which
+includes the queueing the window builds; and once more per server after the rounds, paced at
+--paced-fraction (default half) of that server's own median packets/s for --paced-seconds: the
+latency of a relay that is not saturated (issue 16's "p99 < 1 ms at half the sustained rate").
 
     .venv/bin/python bench/derp_table.py --markdown table.md --json table.json
     .venv/bin/python bench/derp_table.py --only 'plain/1w-pinned/1200B/20p' --rounds 1 --seconds 1
 
-At the defaults (3 rounds of 4 s + 1 s warmup) the whole table takes about 30 minutes on 2 cores.
+At the defaults (3 rounds of 4 s + 1 s warmup, one paced run of 2 s) the whole table takes about
+30 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def latency(median: dict[str, Any]) -> str:
-    lat = median.get("latency_us")
+def latency(result: dict[str, Any] | None) -> str:
+    lat = (result or {}).get("latency_us")
     return "-" if not lat else f"{lat['p50']:,.0f} / {lat['p99']:,.0f}"
 
 
@@ -99,18 +102,22 @@ def share(median: dict[str, Any]) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"derper: tailscale.com {doc['derper_version']}; machine: {doc['nproc']} cores, {doc['cpu']}; "
              f"{doc['date']}; {doc['rounds']} rounds of {doc['seconds']} s (+{doc['warmup']} s warmup), "
-             f"window {doc['window']} per pair; medians over the rounds. Latency: one-way, at saturation. "
-             "ours cross-worker: the share of packets one worker handed to another.", ""]
+             f"window {doc['window']} per pair; medians over the rounds. Latency: one-way, at saturation "
+             "(closed loop), and in one run paced below it. ours cross-worker: the share of packets one worker "
+             "handed to another.", ""]
     if doc["relay"]:
+        paced = f"paced at {doc['paced_fraction']:g} of its rate"
         lines += ["| row | ours pkt/s | derper pkt/s | ratio | ours us/pkt | derper us/pkt | ratio "
-                  "| ours p50/p99 us | derper p50/p99 us | ours cross-worker |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| ours p50/p99 us | derper p50/p99 us | ours p50/p99 us, {paced} | derper p50/p99 us, {paced} "
+                  "| ours cross-worker |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in doc["relay"]:
             ours, derper = row["ours"], row["derper"]
             lines.append(f"| {row['row']} | {fmt(ours['packets_per_second'])} | {fmt(derper['packets_per_second'])} "
                          f"| {row['ratio_pps']:.2f}x | {fmt(ours['server_us_per_packet'], 2)} "
                          f"| {fmt(derper['server_us_per_packet'], 2)} | {row['ratio_cpu']:.2f}x "
-                         f"| {latency(ours)} | {latency(derper)} | {share(ours)} |")
+                         f"| {latency(ours)} | {latency(derper)} | {latency(row['ours_paced'])} "
+                         f"| {latency(row['derper_paced'])} | {share(ours)} |")
         lines.append("")
     conns = doc.get("connections")
     if conns:
@@ -148,6 +155,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
     parser.add_argument("--window", type=int, default=32, help="packets in flight per pair")
+    parser.add_argument("--paced-fraction", type=float, default=0.5, help="after the rounds, one paced run per "
+                        "server at this fraction of its own median packets/s, for latency below saturation (0: none)")
+    parser.add_argument("--paced-seconds", type=float, default=2.0, help="measured seconds of that paced run")
     parser.add_argument("--transports", type=lambda v: v.split(","), default=["plain", "tls"])
     parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[100, 1200])
     parser.add_argument("--pairs", type=lambda v: [int(x) for x in v.split(",")], default=[20, 200])
@@ -167,20 +177,21 @@ def main() -> int:
         print(f"{CONNECTIONS_ROW}\n{TCP_ROW}")
         return 0
     doc: dict[str, Any] = {**machine(), "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
-                           "window": args.window, "relay": [], "groups": []}
+                           "window": args.window, "paced_fraction": args.paced_fraction, "relay": [], "groups": []}
     started = time.monotonic()
     for group in all_groups:
         placements = [p for p, name in group.rows.items() if selected(name, args.only)]
         if not placements:
             continue
         print(f"== {', '.join(group.rows[p] for p in placements)}", flush=True)
-        result = compare(group.shape, rounds=args.rounds, placements=placements,
-                         log=lambda line: print("   " + line, flush=True))
+        result = compare(group.shape, rounds=args.rounds, placements=placements, paced_fraction=args.paced_fraction,
+                         paced_seconds=args.paced_seconds, log=lambda line: print("   " + line, flush=True))
         doc["groups"].append(result)
         for placement in placements:
             ours = result["ours"][placement]
             doc["relay"].append({"row": group.rows[placement], "config": group.config, "placement": placement,
                                  "ours": ours["median"], "derper": result["derper"]["median"],
+                                 "ours_paced": ours["paced"], "derper_paced": result["derper"]["paced"],
                                  "ratio_pps": ours["ratio_pps"], "ratio_cpu": ours["ratio_cpu"]})
     if selected(CONNECTIONS_ROW, args.only):
         print(f"== {CONNECTIONS_ROW}", flush=True)

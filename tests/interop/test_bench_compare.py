@@ -65,9 +65,12 @@ def test_derp_compare_connections_idle_rss_and_handshakes(bins: Path, tmp_path: 
 def test_derp_table_runs_one_row(bins: Path, tmp_path: Path) -> None:
     markdown = tmp_path / "table.md"
     doc = run_script("derp_table.py", "--transports", "plain", "--sizes", "100", "--pairs", "2",
-                     "--only", "^plain/1w-pinned/", *TINY, "--markdown", str(markdown), out=tmp_path / "t.json")
+                     "--only", "^plain/1w-pinned/", *TINY, "--paced-seconds", "1", "--markdown", str(markdown),
+                     out=tmp_path / "t.json")
     (row,) = doc["relay"]
     assert row["row"] == "plain/1w-pinned/100B/2p", row
+    for paced in (row["ours_paced"], row["derper_paced"]):  # the run below saturation, with its latency
+        assert paced["packets"] > 0 and paced["rate"] > 0 and paced["latency_us"]["p99"] > 0, paced
     (group,) = doc["groups"]
     assert group["ours"]["random"]["rounds"][0]["packets"] > 0 and group["derper"]["rounds"][0]["packets"] > 0
     assert "| plain/1w-pinned/100B/2p |" in markdown.read_text()

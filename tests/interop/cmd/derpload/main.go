@@ -4,6 +4,7 @@
 //
 // Every packet carries its send time (nanoseconds on this process's monotonic clock) in its
 // first 8 bytes, so the receiver measures one-way latency through the relay with no clock sync.
+// With -rate the senders are paced (still at most -window in flight): latency below saturation.
 //
 // With -pin the caller places the clients: derpload connects them one at a time (sender 0,
 // receiver 0, sender 1, ...), prints "connected <i>" on stderr after each, and reads one line on
@@ -104,9 +105,21 @@ func (p *pair) receive(counting *atomic.Bool, measured *atomic.Int64) {
 	}
 }
 
-func (p *pair) send(ctx context.Context, window int64, size int) {
+// send keeps up to window packets in flight; with interval > 0 it also paces them, one per
+// interval (an open loop under the window: the latency of a relay that is not saturated).
+func (p *pair) send(ctx context.Context, window int64, size int, interval time.Duration) {
 	payload := make([]byte, size)
+	next := time.Now()
 	for ctx.Err() == nil {
+		if interval > 0 {
+			now := time.Now()
+			if wait := next.Sub(now); wait > 0 {
+				time.Sleep(wait)
+			} else if wait < -20*time.Millisecond {
+				next = now // far behind (a stall): do not burst to catch up
+			}
+			next = next.Add(interval)
+		}
 		if p.sent.Load()-p.received.Load() >= window {
 			select {
 			case <-p.credit:
@@ -152,6 +165,7 @@ func main() {
 	seconds := flag.Float64("seconds", 5, "measured seconds")
 	warmup := flag.Float64("warmup", 1, "unmeasured seconds first")
 	pin := flag.Bool("pin", false, "connect one client at a time; after each \"connected <i>\" on stderr read keep or retry on stdin")
+	rate := flag.Float64("rate", 0, "packets/s over all pairs, paced (0: as fast as the window allows)")
 	hold := flag.Bool("hold", false, "after \"measured\" keep the clients open until a line (or EOF) on stdin")
 	flag.Parse()
 	if *urlB == "" {
@@ -198,10 +212,14 @@ func main() {
 	for _, p := range all {
 		p.sent.Store(p.received.Load())
 	}
+	var interval time.Duration
+	if *rate > 0 {
+		interval = time.Duration(float64(time.Second) * float64(*pairs) / *rate)
+	}
 	var wg sync.WaitGroup
 	for _, p := range all {
 		wg.Add(1)
-		go func() { defer wg.Done(); p.send(ctx, *window, *size) }()
+		go func() { defer wg.Done(); p.send(ctx, *window, *size, interval) }()
 	}
 	time.Sleep(time.Duration(*warmup * float64(time.Second)))
 	// The markers let a caller sample the server's CPU over exactly the measured window.
@@ -232,6 +250,6 @@ func main() {
 		"pairs": *pairs, "size": *size, "window": *window, "seconds": elapsed,
 		"packets": measured.Load(), "packets_per_second": float64(measured.Load()) / elapsed,
 		"mbit_per_second": float64(measured.Load()) * float64(*size) * 8 / 1e6 / elapsed, "stalls": stalls,
-		"latency_us": percentilesUS(all),
+		"latency_us": percentilesUS(all), "rate": *rate,
 	})
 }
