@@ -104,7 +104,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{doc['date']}; {doc['rounds']} rounds of {doc['seconds']} s (+{doc['warmup']} s warmup), "
              f"window {doc['window']} per pair; medians over the rounds. Latency: one-way, at saturation "
              "(closed loop), and in one run paced below it. ours cross-worker: the share of packets one worker "
-             "handed to another.", ""]
+             "handed to another. derper is one process, always unpinned (placement does not apply): in the "
+             "Nw rows its one figure per load shape stands beside all three placements.", ""]
     if doc["relay"]:
         paced = f"paced at {doc['paced_fraction']:g} of its rate"
         lines += ["| row | ours pkt/s | derper pkt/s | ratio | ours us/pkt | derper us/pkt | ratio "
