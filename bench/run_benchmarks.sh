@@ -3,7 +3,8 @@
 #
 #   bench/run_benchmarks.sh [OUT_DIR]        (then: .venv/bin/python bench/summarize.py OUT_DIR)
 #
-# Knobs (environment): BENCH_PROFILE=1 (also profile one worker against derper under Tailscale's own
+# Knobs (environment): BENCH_TABLE=0 (skip the ours-vs-derper table, step 6), BENCH_TABLE_ARGS (extra
+# bench/derp_table.py flags, e.g. "--rounds 5"), BENCH_PROFILE=1 (also profile one worker against derper under Tailscale's own
 # client, plain and TLS: bench/profile_hot_path.py, needs perf, py-spy and Go), BENCH_SECONDS (measured seconds per run, default 5), BENCH_ROUNDS (alternating
 # floor/target rounds, default 3), BENCH_IDLE_CLIENTS (default 10000), BENCH_PROCS (generator processes).
 # Each scenario gets a fresh cluster so that one run's leftovers (Python's freed-but-kept memory, a
@@ -101,7 +102,18 @@ for round in $(seq "$ROUNDS"); do
 done
 stop_cluster
 
-# 6. Optional: where a packet's CPU goes, ours vs derper, under derpload (docs/BENCHMARKS.md).
+# 6. The issue-16 table: ours against a stock derper under Tailscale's own client (bench/derp_table.py:
+#    plain/TLS, 1 worker pinned, 1 and N workers on the whole machine with same/cross/random placement,
+#    100/1200-byte packets, 20/200 pairs; idle RSS per TLS client and handshakes/s; one tsnet TCP flow,
+#    which needs root). About 30 minutes at its defaults; BENCH_TABLE=0 skips it, BENCH_TABLE_ARGS adds flags.
+if [ "${BENCH_TABLE:-1}" = 1 ]; then
+    echo "== table: bench/derp_table.py"
+    # shellcheck disable=SC2086
+    "$PY" bench/derp_table.py --idle-clients "$IDLE" ${BENCH_TABLE_ARGS:-} \
+        --markdown "$OUT/table.md" --json "$OUT/table.json"
+fi
+
+# 7. Optional: where a packet's CPU goes, ours vs derper, under derpload (docs/BENCHMARKS.md).
 if [ "${BENCH_PROFILE:-0}" = 1 ]; then
     for transport in plain tls; do
         echo "== profile $transport: bench/profile_hot_path.py"

@@ -31,7 +31,7 @@ BIN = HERE / "bin"
 WS_BIN = BIN / "ws"
 TAILSCALE_MODULE = "tailscale.com"
 TAILSCALE_TOOLS = ("tailscaled", "tailscale", "derper", "derpprobe")
-OUR_TOOLS = ("tscontrol", "tsnetpair", "derpclients", "derpload")
+OUR_TOOLS = ("tscontrol", "tsnetpair", "derpclients", "derpload", "derpconns")
 
 #: what every Tailscale program gets: no log uploads, no support traffic
 BASE_ENV = {"TS_NO_LOGS_NO_SUPPORT": "true", "TS_LOGS_DIR": "", "TS_DISABLE_UPNP": "true"}
