@@ -1,8 +1,9 @@
 """The image and the compose file for real: built, started, healthy, probed and relaying.
 
-One container for the module, made from deploy/Dockerfile on a debootstrap'd Debian base and
-started by Compose from deploy/docker-compose.yml with an override: host networking (the test's
-dockerd has no bridge), free ports, a trustme cert as <domain>.crt/.key in the certs volume,
+One container for the module, made from deploy/Dockerfile on a debootstrap'd Debian base (its build
+stage on that base plus a C compiler, so the image runs the compiled relay loop) and started by
+Compose from deploy/docker-compose.yml with an override: host networking (the test's dockerd has no
+bridge), free ports, a trustme cert as <domain>.crt/.key in the certs volume,
 admission off, two workers and CPU/memory limits. Then `cluster probe` checks it from the host by
 its IPv4 and from a network namespace by name, and two pairs of Tailscale's tsnet nodes relay
 through it from that namespace, which reaches the host's addresses over a veth of documentation
