@@ -1,5 +1,6 @@
-"""The container for real: a dockerd of the test's own, a Debian base made by debootstrap, the image
-built from deploy/Dockerfile on it, and deploy/docker-compose.yml brought up with a test override.
+"""The container for real: a dockerd of the test's own, a Debian base made by debootstrap, a build
+base on it with a C compiler, the image built from deploy/Dockerfile on the two, and
+deploy/docker-compose.yml brought up with a test override.
 
 Nothing here touches a Docker the machine may run: the daemon has its own data root (kept, so the
 base image and the build cache survive between runs), exec root, pidfile and socket, no bridge and
@@ -37,6 +38,10 @@ BASE_IMAGE = "derp-test-base:bookworm"
 IMAGE = "derp-cluster:test"
 SUITE = "bookworm"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
+#: the Dockerfile's build stage runs on BASE_IMAGE plus these, so the wheel carries the compiled relay
+#: loop (relay_worker._fastpath); the runtime stage stays on BASE_IMAGE, without a compiler
+BUILD_BASE_IMAGE = "derp-test-build-base:bookworm"
+COMPILER_PACKAGES = "gcc libc6-dev python3-dev"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 INSTALL_HINT = "apt-get install -y docker.io debootstrap docker-compose"
@@ -202,10 +207,20 @@ class Daemon:
             remove_tree(rootfs)
         return "built"
 
+    def build_build_base_image(self) -> None:
+        """BASE_IMAGE plus COMPILER_PACKAGES from Debian's mirror (the one debootstrap wrote into the
+        base's sources.list). Built every run: the build cache makes that a no-op until BASE_IMAGE
+        changes, and then it follows BASE_IMAGE, whose Python the compiled extension must match."""
+        dockerfile = (f"FROM {BASE_IMAGE}\n"
+                      "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y"
+                      f" --no-install-recommends {COMPILER_PACKAGES} && rm -rf /var/lib/apt/lists/*\n")
+        self.docker("build", "--network", "host", "-t", BUILD_BASE_IMAGE, "-", input=dockerfile.encode(), timeout=900)
+
     def build_image(self) -> None:
-        """deploy/Dockerfile on the Debian base, with BuildKit; --network host so pip reaches PyPI."""
-        self.docker("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "-f",
-                    str(REPO / "deploy" / "Dockerfile"), "-t", IMAGE, str(REPO), timeout=900)
+        """deploy/Dockerfile on the Debian bases, with BuildKit; --network host so pip reaches PyPI."""
+        self.docker("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}", "--build-arg",
+                    f"BUILD_BASE={BUILD_BASE_IMAGE}", "-f", str(REPO / "deploy" / "Dockerfile"), "-t", IMAGE,
+                    str(REPO), timeout=900)
         self.docker("image", "prune", "--force", check=False)  # the previous build, now untagged
 
 

@@ -1,8 +1,9 @@
 """The image and the compose file for real: built, started, healthy, probed and relaying.
 
-One container for the module, made from deploy/Dockerfile on a debootstrap'd Debian base and
-started by Compose from deploy/docker-compose.yml with an override: host networking (the test's
-dockerd has no bridge), free ports, a trustme cert as <domain>.crt/.key in the certs volume,
+One container for the module, made from deploy/Dockerfile on a debootstrap'd Debian base (its build
+stage on that base plus a C compiler, so the image runs the compiled relay loop) and started by
+Compose from deploy/docker-compose.yml with an override: host networking (the test's dockerd has no
+bridge), free ports, a trustme cert as <domain>.crt/.key in the certs volume,
 admission off, two workers and CPU/memory limits. Then `cluster probe` checks it from the host by
 its IPv4 and from a network namespace by name, and two pairs of Tailscale's tsnet nodes relay
 through it from that namespace, which reaches the host's addresses over a veth of documentation
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.docker.harness import IMAGE, Compose, Daemon, DockerUnavailable, Tools, root_veth
+from tests.docker.harness import BUILD_BASE_IMAGE, IMAGE, Compose, Daemon, DockerUnavailable, Tools, root_veth
 from tests.interop.harness import Control, InteropUnavailable, NetNS, build_binaries, tsnet_pairs
 from tests.support import free_port
 
@@ -68,6 +69,9 @@ def daemon() -> Iterator[Daemon]:
         started = time.monotonic()
         how = running.ensure_base_image()
         log(f"base image {how} in {time.monotonic() - started:.1f}s")
+        started = time.monotonic()
+        running.build_build_base_image()
+        log(f"build base image {BUILD_BASE_IMAGE} ready in {time.monotonic() - started:.1f}s")
         started = time.monotonic()
         running.build_image()
         log(f"image {IMAGE} built in {time.monotonic() - started:.1f}s")
@@ -173,6 +177,17 @@ def test_image_alone_refuses_to_start_without_a_domain(daemon: Daemon) -> None:
     assert result.stderr.strip().splitlines() == [
         "cluster: config error: server.hostname (--hostname / -hostname / DERP_DOMAIN): certmode letsencrypt "
         "needs the DNS name to get a certificate for"], result.stderr
+
+
+def test_image_runs_the_compiled_relay_loop(daemon: Daemon) -> None:
+    # The wheel builds without relay_worker._fastpath where the build stage has no C compiler, and
+    # the node then quietly runs the pure-Python loop at twice the CPU per packet: the image must not.
+    probe = ("import shutil; from relay_worker import fastpath; "
+             "print(fastpath.available(), [cc for cc in ('cc', 'gcc') if shutil.which(cc)])")
+    result = daemon.docker("run", "--rm", "--network", "none", "--entrypoint", "python", IMAGE, "-c", probe,
+                           timeout=120)
+    # ... and the compiler stayed in the build stage
+    assert result.stdout.split() == ["True", "[]"], result.stdout + result.stderr
 
 
 def test_container_runs_the_image_as_built(daemon: Daemon, node: Node) -> None:
