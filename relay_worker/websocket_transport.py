@@ -148,18 +148,24 @@ class WebSocketDerp(asyncio.Protocol):
         ws = self.ws
         ws.receive_data(data)
         conn = self.conn
+        # The binary messages of one read are one piece of the DERP byte stream (frames may span
+        # messages): the session gets them in one call, so a read of many one-frame messages (as
+        # Tailscale's client sends) costs one write per destination, as a raw DERP read does.
+        stream: list[bytes | bytearray] = []
         for event in ws.events_received():
             if not isinstance(event, Response) and not isinstance(event, Request):
                 opcode = event.opcode
                 if opcode is Opcode.BINARY or (opcode is Opcode.CONT and not self.text_message):
                     self.text_message = False
-                    if conn is not None and not self.closing and event.data:
-                        conn.data_received(bytes(event.data))
+                    if event.data:
+                        stream.append(event.data)
                 elif opcode is Opcode.TEXT or opcode is Opcode.CONT:
                     self.text_message = True
+                    self._feed(conn, stream)
                     # wsconn: "unexpected frame type read (expected MessageBinary)", StatusUnsupportedData
                     self._fail(1003, "unexpected frame type read (expected MessageBinary): MessageText")
                     return
+        self._feed(conn, stream)
         output = ws.data_to_send()
         if output and not self.closing:
             # pongs and our close reply; DERP data never goes through ws.send_*
@@ -170,6 +176,10 @@ class WebSocketDerp(asyncio.Protocol):
         if ws.state is State.CLOSING or ws.state is State.CLOSED or ws.parser_exc is not None:
             # the peer closed, or broke the framing (ws queued the close frame written above)
             self._close_transport()
+
+    def _feed(self, conn: DerpServerConn | None, stream: list[bytes | bytearray]) -> None:
+        if stream and conn is not None and not self.closing:
+            conn.data_received(bytes(stream[0]) if len(stream) == 1 else b"".join(stream))
 
     def eof_received(self) -> bool | None:
         return None
