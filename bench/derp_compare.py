@@ -73,6 +73,37 @@ def taskset(cpus: str) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller (this machine has no v2 one)
+QUOTA_PERIOD_US = 10_000  # a short period, so a capped server is throttled in small slices
+
+
+class CpuCap:
+    """A server capped at `quota` of one CPU (CFS bandwidth, inherited by its workers and threads):
+    then the server, not the load generator, is the bottleneck, and packets/s is its capacity at
+    that CPU. A command is started inside the group by a shell that joins it and execs."""
+
+    def __init__(self, quota: float, name: str) -> None:
+        self.group: Path | None = None
+        if quota <= 0:
+            return
+        if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
+            raise SystemExit(f"--server-quota needs cgroup v1's cpu controller at {CPU_CGROUPS}")
+        self.group = CPU_CGROUPS / f"derp-bench-{name}-{os.getpid()}"
+        self.group.mkdir(exist_ok=True)
+        (self.group / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+        (self.group / "cpu.cfs_quota_us").write_text(str(int(quota * QUOTA_PERIOD_US)))
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        if self.group is None:
+            return cmd
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.group), *cmd]
+
+    def remove(self) -> None:
+        if self.group is not None:
+            with contextlib.suppress(OSError):
+                self.group.rmdir()
+
+
 class Server:
     name = ""
     url = ""
@@ -95,12 +126,13 @@ class Ours(Server):
         self.port = free_port()
         self.workers = args.workers
         self.run_dir = work / "ours-run"
+        self.cap = CpuCap(getattr(args, "server_quota", 0.0), "ours")
         cmd = [*taskset(args.server_cpus), sys.executable, "-m", "cluster", "up", "--workers", str(args.workers),
                "--listen", f"127.0.0.1:{self.port}", "--no-stun", "--state-dir", str(work / "ours-state"),
                "--run-dir", str(self.run_dir), "--log-level", "warning"]
         if certdir is not None:
             cmd += ["--certmode", "manual", "--hostname", HOSTNAME, "--certdir", str(certdir)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(self.cap.wrap(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         scheme = "https" if certdir else "http"
         self.url = f"{scheme}://{HOSTNAME}:{self.port}/derp"
         wait_until(lambda: len(self._workers()) == args.workers, timeout=60, what="cluster up's workers")
@@ -133,6 +165,7 @@ class Ours(Server):
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self.cap.remove()
 
 
 class Derper(Server):
@@ -140,13 +173,14 @@ class Derper(Server):
 
     def __init__(self, work: Path, args: Any, bins: Path, certdir: Path | None) -> None:
         self.port = free_port()
+        self.cap = CpuCap(getattr(args, "server_quota", 0.0), "derper")
         cmd = [*taskset(args.server_cpus), str(bins / "derper"), "-a", f"127.0.0.1:{self.port}", "-stun=false",
                "-http-port", "-1", "-c", str(work / "derper.json")]
         if certdir is not None:
             cmd += ["-certmode", "manual", "-certdir", str(certdir), "-hostname", HOSTNAME]
         env = dict(os.environ, GOMAXPROCS=str(args.workers), TS_NO_LOGS_NO_SUPPORT="true")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.cap.wrap(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
         scheme = "https" if certdir else "http"
         self.url = f"{scheme}://{HOSTNAME}:{self.port}/derp"
         wait_listening(self.port, "derper to listen")
@@ -157,6 +191,7 @@ class Derper(Server):
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self.cap.remove()
 
 
 PLACEMENTS = ("random", "same", "cross")
@@ -404,6 +439,7 @@ class Shape:
     warmup: float = 1.0
     server_cpus: str = ""
     load_cpus: str = ""
+    server_quota: float = 0.0  # > 0: the server capped at this fraction of one CPU (CpuCap)
 
 
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -504,6 +540,9 @@ def main() -> int:
                         "paced at this fraction of its median packets/s (latency below saturation; 0: none)")
     parser.add_argument("--server-cpus", default="", help="taskset list for both servers, e.g. 0")
     parser.add_argument("--load-cpus", default="", help="taskset list for the load generator, e.g. 1")
+    parser.add_argument("--server-quota", type=float, default=0.0,
+                        help="cap each server at this fraction of one CPU (cgroup CFS quota), so that the "
+                             "server, not the load generator, sets the rate: packets/s is then its capacity")
     parser.add_argument("--mode", choices=["relay", "connections"], default="relay",
                         help="relay: packets/s and CPU per packet; connections: idle RSS per client (--clients) "
                         "and handshakes/s (--concurrency loops), one worker against GOMAXPROCS=1")
@@ -523,7 +562,7 @@ def main() -> int:
         return 0
     shape = Shape(transport=args.transport, workers=args.workers, pairs=args.pairs, size=args.size,
                   window=args.window, seconds=args.seconds, warmup=args.warmup, server_cpus=args.server_cpus,
-                  load_cpus=args.load_cpus)
+                  load_cpus=args.load_cpus, server_quota=args.server_quota)
     doc = compare(shape, rounds=args.rounds, placements=(args.placement,), paced_fraction=args.paced_fraction,
                   log=lambda line: print(line, flush=True))
     ours, derper = doc["ours"][args.placement], doc["derper"]

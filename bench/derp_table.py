@@ -11,6 +11,13 @@ Go module, in the same run, alternating rounds (bench/derp_compare.py's compare(
   them (`random`); pairs spread evenly over the workers when pinned. derper, one process, runs
   once per load shape and its figure stands beside all three placements. Read 1w-machine against
   Nw-machine-random for "adding a worker never lowers packets/s";
+- `T/1w-capped/S/P` and `T/Nw-capped-PLACE/S/P`: capacity. The same loads with each server capped
+  (cgroup CFS quota, derp_compare.CpuCap) at half of CPU 0 (one worker; derpload on CPU 1) or at one
+  CPU for the whole node (N workers against GOMAXPROCS=N, nothing pinned), so that the server and not
+  derpload sets the rate: packets/s is then what the server does with that CPU. In the uncapped rows
+  derpload (one Go process on the other core) saturates first and the servers idle part of the
+  time, so their packets/s is derpload's and their CPU per packet is that of a server reading few
+  frames per wake-up. No paced run in these rows (a throttled server's latency is the throttle's);
 - for T in plain/tls, S in 100/1200 bytes, P in 20/200 pairs, --window packets in flight per pair;
 - `tls/connections`: idle RSS per TLS client at --idle-clients, and TLS handshakes/s (loops of
   connect + close, --handshake-concurrency at once), one worker against GOMAXPROCS=1, server on
@@ -54,6 +61,8 @@ from derp_compare import Shape, compare, compare_connections
 from tests.interop.harness import pinned_version
 
 CONNECTIONS_ROW = "tls/connections"
+CAPPED_ONE_WORKER = 0.5  # of one CPU
+CAPPED_NODE = 1.0
 TCP_ROW = "tcp/tsnet"
 
 
@@ -61,9 +70,11 @@ TCP_ROW = "tcp/tsnet"
 class Group:
     """One compare() call: a load shape, and the rows (one per placement) it fills."""
 
-    config: str  # 1w-pinned, 1w-machine, Nw-machine
+    config: str  # 1w-pinned, 1w-machine, Nw-machine, 1w-capped, Nw-capped
     shape: Shape
     rows: dict[str, str]  # placement -> row name
+    #: latency below saturation is measured where the server is not throttled (the uncapped rows)
+    paced: bool = True
 
 
 def groups(args: argparse.Namespace) -> Iterator[Group]:
@@ -79,6 +90,14 @@ def groups(args: argparse.Namespace) -> Iterator[Group]:
                 yield Group("1w-machine", replace(load, workers=1), {"random": f"{transport}/1w-machine/{tail}"})
                 yield Group(f"{cores}w-machine", replace(load, workers=cores),
                             {p: f"{transport}/{cores}w-machine-{p}/{tail}" for p in ("same", "cross", "random")})
+                # capacity: each server capped below what the load generator can drive, so the server sets
+                # the rate (derp_compare.CpuCap): half of CPU 0 for one worker, one CPU for N workers
+                yield Group("1w-capped", replace(load, workers=1, server_cpus="0", load_cpus="1",
+                                                 server_quota=CAPPED_ONE_WORKER),
+                            {"random": f"{transport}/1w-capped/{tail}"}, paced=False)
+                yield Group(f"{cores}w-capped", replace(load, workers=cores, server_quota=CAPPED_NODE),
+                            {p: f"{transport}/{cores}w-capped-{p}/{tail}" for p in ("same", "cross", "random")},
+                            paced=False)
 
 
 def selected(name: str, only: re.Pattern[str] | None) -> bool:
@@ -185,7 +204,8 @@ def main() -> int:
         if not placements:
             continue
         print(f"== {', '.join(group.rows[p] for p in placements)}", flush=True)
-        result = compare(group.shape, rounds=args.rounds, placements=placements, paced_fraction=args.paced_fraction,
+        result = compare(group.shape, rounds=args.rounds, placements=placements,
+                         paced_fraction=args.paced_fraction if group.paced else 0.0,
                          paced_seconds=args.paced_seconds, log=lambda line: print("   " + line, flush=True))
         doc["groups"].append(result)
         for placement in placements:
