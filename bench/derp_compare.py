@@ -132,7 +132,8 @@ class Ours(Server):
                "--run-dir", str(self.run_dir), "--log-level", "warning"]
         if certdir is not None:
             cmd += ["--certmode", "manual", "--hostname", HOSTNAME, "--certdir", str(certdir)]
-        self.proc = subprocess.Popen(self.cap.wrap(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(self.cap.wrap(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         scheme = "https" if certdir else "http"
         self.url = f"{scheme}://{HOSTNAME}:{self.port}/derp"
         wait_until(lambda: len(self._workers()) == args.workers, timeout=60, what="cluster up's workers")

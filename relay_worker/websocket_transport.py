@@ -151,7 +151,7 @@ class WebSocketDerp(asyncio.Protocol):
         # The binary messages of one read are one piece of the DERP byte stream (frames may span
         # messages): the session gets them in one call, so a read of many one-frame messages (as
         # Tailscale's client sends) costs one write per destination, as a raw DERP read does.
-        stream: list[bytes | bytearray] = []
+        stream: list[bytes | bytearray | memoryview] = []
         for event in ws.events_received():
             if not isinstance(event, Response) and not isinstance(event, Request):
                 opcode = event.opcode
@@ -177,7 +177,7 @@ class WebSocketDerp(asyncio.Protocol):
             # the peer closed, or broke the framing (ws queued the close frame written above)
             self._close_transport()
 
-    def _feed(self, conn: DerpServerConn | None, stream: list[bytes | bytearray]) -> None:
+    def _feed(self, conn: DerpServerConn | None, stream: list[bytes | bytearray | memoryview]) -> None:
         if stream and conn is not None and not self.closing:
             conn.data_received(bytes(stream[0]) if len(stream) == 1 else b"".join(stream))
 
