@@ -35,8 +35,8 @@ latency of a relay that is not saturated (issue 16's "p99 < 1 ms at half the sus
     .venv/bin/python bench/derp_table.py --markdown table.md --json table.json
     .venv/bin/python bench/derp_table.py --only 'plain/1w-pinned/1200B/20p' --rounds 1 --seconds 1
 
-At the defaults (3 rounds of 4 s + 1 s warmup, one paced run of 2 s) the whole table takes about
-30 minutes on 2 cores.
+At the defaults (3 rounds of 4 s + 1 s warmup, one paced run of 2 s in the uncapped rows) the whole
+table takes about 45 minutes on 2 cores (28 for the uncapped rows, 17 for the capped ones).
 """
 
 from __future__ import annotations

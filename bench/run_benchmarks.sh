@@ -104,8 +104,8 @@ stop_cluster
 
 # 6. The issue-16 table: ours against a stock derper under Tailscale's own client (bench/derp_table.py:
 #    plain/TLS, 1 worker pinned, 1 and N workers on the whole machine with same/cross/random placement,
-#    100/1200-byte packets, 20/200 pairs; idle RSS per TLS client and handshakes/s; one tsnet TCP flow,
-#    which needs root). About 30 minutes at its defaults; BENCH_TABLE=0 skips it, BENCH_TABLE_ARGS adds flags.
+#    the same capped to a CPU quota (capacity), 100/1200-byte packets, 20/200 pairs; idle RSS per TLS
+#    client and handshakes/s; one tsnet TCP flow, which needs root). About 45 minutes at its defaults; BENCH_TABLE=0 skips it, BENCH_TABLE_ARGS adds flags.
 if [ "${BENCH_TABLE:-1}" = 1 ]; then
     echo "== table: bench/derp_table.py"
     # shellcheck disable=SC2086
