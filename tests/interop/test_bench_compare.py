@@ -74,3 +74,18 @@ def test_derp_table_runs_one_row(bins: Path, tmp_path: Path) -> None:
     (group,) = doc["groups"]
     assert group["ours"]["random"]["rounds"][0]["packets"] > 0 and group["derper"]["rounds"][0]["packets"] > 0
     assert "| plain/1w-pinned/100B/2p |" in markdown.read_text()
+
+
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="no cgroup v1 cpu controller")
+def test_derp_table_capped_row_holds_each_server_to_its_quota(bins: Path, tmp_path: Path) -> None:
+    doc = run_script("derp_table.py", "--transports", "plain", "--sizes", "100", "--pairs", "2",
+                     "--only", "^plain/1w-capped/", *TINY, out=tmp_path / "t.json")
+    (row,) = doc["relay"]
+    assert row["row"] == "plain/1w-capped/100B/2p" and row["ours_paced"] is None, row
+    (group,) = doc["groups"]
+    for result in (group["ours"]["random"]["rounds"][0], group["derper"]["rounds"][0]):
+        assert result["packets"] > 0, result
+        # the quota is half a CPU: over a 1 s window no server may have had much more (CPU accounting,
+        # not speed: the kernel enforces the quota in 10 ms periods)
+        assert result["server_cpu_seconds"] <= 0.5 * 1.0 * 1.4, result
+    assert not list(Path("/sys/fs/cgroup/cpu").glob("derp-bench-*")), "a capped server's cgroup was left behind"
