@@ -31,8 +31,13 @@ SYSCALL_LAYERS = {
 #: our functions by what they do in the relay hot path; the rest by module
 FUNCTION_LAYERS = {
     "DerpServerConn.data_received": "our dispatch: data_received",
-    "DerpServerConn._handle_frames": "our dispatch: _handle_frames (per-packet loop, lookup, RecvPacket parts)",
-    "DerpServerConn.deliver_parts": "our output: deliver_parts (join + transport.write)",
+    "ServerSession.receive_data": "our dispatch: data_received",
+    "ServerSession._handle_frames": "our dispatch: _handle_frames (per-packet loop, lookup, RecvPacket parts)",
+    "ServerSession._deliver_routed": "our output: deliver_frames (transport.write)",
+    "ServerSession.deliver_frames": "our output: deliver_frames (transport.write)",
+    "Router_route": "our compiled loop (_fastpath.c)",
+    "Router_take": "our compiled loop (_fastpath.c)",
+    "mesh_frames": "our compiled loop (_fastpath.c)",
     "FrameParser.feed": "our frame parser: FrameParser.feed",
     "Relay.note_delivery": "our relay bookkeeping: note_delivery",
 }

@@ -1,7 +1,7 @@
 """The relay's per-worker state: which connection serves which key, who heard from whom, watchers.
 
 A `Relay` knows nothing about sockets: sessions (session.py) register with it and it calls back
-into them through `seams.Client` (`deliver_parts`, `send_frame`, `close_with`...). Keys held by
+into them through `seams.Client` (`deliver_frames`, `send_frame`, `close_with`...). Keys held by
 other workers or nodes are reached through an optional `seams.Forwarder` that `cluster` wires to
 `mesh`; admission is an optional `seams.Admission` hook.
 """
@@ -327,7 +327,7 @@ class Relay:
             if dropped:
                 self.stats.drop("unknown_dest_on_fwd", dropped)
             for conn, parts in batches.items():
-                conn.deliver_parts(parts)
+                conn.deliver_frames(b"".join(parts), len(parts) // 2)
         return count
 
     def deliver_forwarded(self, *, dst: bytes, src: bytes, packet: Payload, from_derp_mesh: bool = False) -> bool:

@@ -68,10 +68,6 @@ class Client(Protocol):
 
     def deliver(self, *, src: bytes, packet: Payload) -> None: ...
 
-    def deliver_parts(self, parts: list[Payload]) -> None:
-        """RecvPacket frames as (header + source key, packet) pairs, written in one write."""
-        ...
-
     def deliver_frames(self, frames: bytes, count: int) -> None:
         """`count` whole RecvPacket frames in one bytes object, written in one write."""
         ...

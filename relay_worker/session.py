@@ -15,7 +15,7 @@ States, in order (any of them may end in CLOSED):
                 (ServerInfo must be the first frame after ServerKey: output and input are held)
     ACTIVE      ServerInfo sent; frames are relayed
 
-The hot path is `receive_data` -> SendPacket -> `Relay.clients.get(dst)` -> `deliver_parts`,
+The hot path is `receive_data` -> SendPacket -> `Relay.clients.get(dst)` -> `deliver_frames`,
 which does one dict lookup per relayed packet and one `transport.write` per destination per read.
 The transport's high-water mark is 0 (conn.py): as soon as a write leaves bytes the kernel did not
 take, the session is paused and frames queue here until the transport has flushed everything
@@ -411,7 +411,7 @@ class ServerSession:
             stats.packets_received += received
             stats.bytes_received += received_bytes
             for target, parts in batches.items():
-                target.deliver_parts(parts)
+                target.deliver_frames(b"".join(parts), len(parts) // 2)
                 # derper's sentTo (PeerGone when this key leaves), noted once per pair
                 receivers = sent_to.get(key)
                 if receivers is None or target.key not in receivers:
@@ -540,28 +540,9 @@ class ServerSession:
 
     # -- output (seams.Client: what the relay calls) --------------------------------------------------
 
-    def deliver_parts(self, parts: list[Payload]) -> None:
-        """Write RecvPacket frames given as (header + source key, packet) pairs in one write, or queue
-        them (bounded, drop oldest) while the client is not reading."""
-        count = len(parts) // 2
-        if self.paused_since:
-            for index in range(0, len(parts), 2):
-                frame = b"".join(parts[index : index + 2])
-                self._deliver_frame(frame)
-            return
-        transport = self.transport
-        stats = self.relay.stats
-        if transport is None:
-            stats.drop("gone_disconnected", count)
-            return
-        data = b"".join(parts)
-        transport.write(data)
-        stats.packets_sent += count
-        stats.bytes_sent += len(data) - 37 * count
-
     def deliver_frames(self, frames: bytes, count: int) -> None:
-        """Write `count` RecvPacket frames built in one bytes object (fastpath.py) in one write, or
-        queue them one by one while the client is not reading."""
+        """Write `count` RecvPacket frames joined in one bytes object in one write, or queue them one
+        by one (bounded, drop oldest) while the client is not reading."""
         if self.paused_since:
             view = memoryview(frames)
             pos = 0

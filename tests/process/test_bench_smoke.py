@@ -145,7 +145,7 @@ def test_pyspy_layers_charges_each_sample_to_its_layer(tmp_path: Path) -> None:
     raw.write_text("\n".join([
         f"{feed};Struct_unpack_from (_struct.c.h:117) 3",
         f"{loop};DerpServerConn.data_received (relay_worker/conn.py:161);"
-        "DerpServerConn.deliver_parts (relay_worker/conn.py:498);write (libc.so.6) 5",
+        "ServerSession.deliver_frames (relay_worker/session.py:498);write (libc.so.6) 5",
         f"{loop};epoll_pwait (libc.so.6) 2",
         "Thread._bootstrap (threading.py:1002);Event.wait (threading.py:629) 7",
     ]) + "\n")

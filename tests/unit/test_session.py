@@ -378,6 +378,6 @@ def test_a_closed_session_reads_nothing_and_counts_what_was_queued(relay: Relay)
 def test_packets_for_a_session_whose_transport_is_gone_are_dropped(relay: Relay) -> None:
     session, wire, _ = active(relay)
     session.connection_lost()
-    session.deliver_parts([F.frame_header(F.RECV_PACKET, 33) + bytes(32), b"x"])
+    session.deliver_frames(F.build_recv_packet(bytes(32), b"x"), 1)
     session.deliver(src=bytes(32), packet=b"y")
     assert not wire.writes and relay.stats.drops["gone_disconnected"] == 2
