@@ -50,7 +50,11 @@ BAD_FRAMES = st.sampled_from([
     F.build_forward_packet(UNKNOWN, UNKNOWN, b"x"),  # needs the mesh key
     F.frame_header(F.SEND_PACKET, F.MAX_FRAME_LEN + 1),  # the parser refuses the length
 ])
-STREAM = st.lists(st.one_of(GOOD_FRAMES, GOOD_FRAMES, GOOD_FRAMES, BAD_FRAMES), min_size=1, max_size=40)
+#: what a hostile client can put where the compiled loop looks: a SendPacket header with any length
+#: (short, oversized, longer than what follows) and any bytes after it
+HOSTILE_SEND = st.builds(lambda length, body: F.frame_header(F.SEND_PACKET, length) + body,
+                         st.one_of(st.integers(0, 80), st.integers(0, (1 << 32) - 1)), st.binary(max_size=120))
+STREAM = st.lists(st.one_of(GOOD_FRAMES, GOOD_FRAMES, GOOD_FRAMES, BAD_FRAMES, HOSTILE_SEND), min_size=1, max_size=40)
 
 
 class Side:
@@ -185,7 +189,8 @@ RECORDS = st.lists(st.tuples(st.sampled_from([RECEIVER.public().raw, OTHER.publi
 
 
 @settings(max_examples=200, deadline=None)
-@given(records=RECORDS, tail=st.sampled_from([b"", b"\x00" * 10, bytes(64) + b"\xff\xff\xff\xff"]))
+@given(records=RECORDS, tail=st.one_of(st.sampled_from([b"", b"\x00" * 10, bytes(64) + b"\xff\xff\xff\xff"]),
+                                       st.binary(max_size=200)))
 def test_a_mesh_message_is_delivered_by_the_compiled_loop_as_by_the_python_one(
         records: list[tuple[bytes, bytes, bytes]], tail: bytes) -> None:
     message = b"\x01" + b"".join(wire.packet_record(d, s, p) for d, s, p in records) + tail
