@@ -101,6 +101,17 @@ static void batches_free(Batches *b) {
     b->cap = 0;
 }
 
+/* `*array` resized to `cap` items of `item` bytes; -1 (MemoryError set, `*array` kept) on failure */
+static int resize(void **array, Py_ssize_t cap, size_t item) {
+    void *resized = PyMem_Realloc(*array, cap * item);
+    if (resized == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *array = resized;
+    return 0;
+}
+
 /* index of `object` among this read's destinations, appended when new; -1 on error */
 static Py_ssize_t batches_index(Batches *b, PyObject *object, Py_ssize_t last) {
     Py_ssize_t n = PyList_GET_SIZE(b->objects);
@@ -114,18 +125,10 @@ static Py_ssize_t batches_index(Batches *b, PyObject *object, Py_ssize_t last) {
     }
     if (n == b->cap) {
         Py_ssize_t cap = b->cap ? 2 * b->cap : 8;
-        Py_ssize_t *sizes = PyMem_Realloc(b->sizes, cap * sizeof(Py_ssize_t));
-        if (sizes == NULL) {
-            PyErr_NoMemory();
+        if (resize((void **)&b->sizes, cap, sizeof(Py_ssize_t)) < 0 ||
+            resize((void **)&b->counts, cap, sizeof(Py_ssize_t)) < 0) {
             return -1;
         }
-        b->sizes = sizes;
-        Py_ssize_t *counts = PyMem_Realloc(b->counts, cap * sizeof(Py_ssize_t));
-        if (counts == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        b->counts = counts;
         b->cap = cap;
     }
     if (PyList_Append(b->objects, object) < 0) {
@@ -139,12 +142,9 @@ static Py_ssize_t batches_index(Batches *b, PyObject *object, Py_ssize_t last) {
 static int records_add(Records *r, Py_ssize_t target, const char *src, const char *start, Py_ssize_t length) {
     if (r->n == r->cap) {
         Py_ssize_t cap = r->cap ? 2 * r->cap : 64;
-        Record *records = PyMem_Realloc(r->records, cap * sizeof(Record));
-        if (records == NULL) {
-            PyErr_NoMemory();
+        if (resize((void **)&r->records, cap, sizeof(Record)) < 0) {
             return -1;
         }
-        r->records = records;
         r->cap = cap;
     }
     Record *record = &r->records[r->n++];
